@@ -1,0 +1,195 @@
+"""Speed and memory of the bundle's inference and training on this machine: ``python -m monai_dose benchmark``.
+
+Every measurement runs in a fresh process, so that its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+from .data.openkbp import load_openkbp_datalist, patient_folder_datalist
+from .inference import DosePredictor, patient_loader, save_dose
+
+CPU_THREADS = 2
+STAGES = ("load", "preprocess", "network", "postprocess", "save")
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process and its finished children, MB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gpu_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def benchmark_inference(bundle: str | Path, patient: dict, device: str, repeats: int = 3) -> dict:
+    """Median seconds per stage of predicting one patient from files to a written dose file."""
+    torch.set_num_threads(CPU_THREADS)
+    predictor = DosePredictor.from_bundle(bundle, device=device)
+    loader = patient_loader()
+    timings: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats + 1):  # the first run warms up
+            marks = [time.perf_counter()]
+            data = loader(patient)
+            marks.append(time.perf_counter())
+            image, mask = predictor.prepare(data["ct"], data["structures"], data["possible_dose_mask"])
+            marks.append(time.perf_counter())
+            raw = predictor.predict(image, mask)
+            _sync(predictor.device)
+            marks.append(time.perf_counter())
+            dose = predictor.postprocess(raw, mask)
+            marks.append(time.perf_counter())
+            save_dose(dose, patient["ct"], Path(tmp) / "dose.nii.gz")
+            marks.append(time.perf_counter())
+            if repeat:
+                for stage, start, end in zip(STAGES, marks, marks[1:], strict=False):
+                    timings[stage].append(end - start)
+    seconds = {stage: statistics.median(values) for stage, values in timings.items()}
+    return {
+        "device": str(predictor.device),
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "total_seconds": sum(seconds.values()),
+        "peak_memory_mb": _peak_rss_mb(),
+        "peak_gpu_memory_mb": _peak_gpu_mb(predictor.device),
+    }
+
+
+def benchmark_training(
+    bundle: str | Path, dataset_dir: str | Path, device: str, iterations: int = 20, warmup: int = 3
+) -> dict:
+    """Training rate of the bundle's full pipeline (cached data, augmentation, ``SupervisedTrainer``) and of
+    the same network stepping on one batch held on the device, at the bundle's default batch size."""
+    torch.set_num_threads(CPU_THREADS)
+    parser = ConfigParser()
+    parser.read_config(Path(bundle) / "configs" / "train.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        parser.update(
+            {
+                "bundle_root": tmp,
+                "dataset_dir": str(dataset_dir),
+                "device": f"$torch.device('{device}')",
+                "num_train": 8,
+                "train#handlers": [],
+                "train#trainer#max_epochs": 1,
+                "train#trainer#epoch_length": warmup + iterations,
+            }
+        )
+        trainer = parser.get_parsed_content("train#trainer")
+        stamps: list[float] = []
+        trainer.add_event_handler(
+            "iteration_completed", lambda _: (_sync(trainer.state.device), stamps.append(time.perf_counter()))
+        )
+        trainer.run()
+    per_batch = parser.get_parsed_content("batch_size")
+    if parser.get_parsed_content("spatial_dims") == 2:
+        per_batch *= parser.get_parsed_content("num_slices")
+    pipeline_rate = per_batch * iterations / (stamps[-1] - stamps[warmup - 1])
+
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    image, label = batch["image"].to(trainer.state.device), batch["label"].to(trainer.state.device)
+    network, optimizer, loss_fn = trainer.network, trainer.optimizer, trainer.loss_function
+    for step in range(warmup + iterations):
+        if step == warmup:
+            _sync(trainer.state.device)
+            start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(network(image), label).backward()
+        optimizer.step()
+    _sync(trainer.state.device)
+    network_rate = per_batch * iterations / (time.perf_counter() - start)
+    unit = "slices/s" if parser.get_parsed_content("spatial_dims") == 2 else "volumes/s"
+    return {
+        "device": str(trainer.state.device),
+        "threads": torch.get_num_threads(),
+        "batch": list(image.shape),
+        "unit": unit,
+        "pipeline_rate": pipeline_rate,
+        "network_only_rate": network_rate,
+        "pipeline_fraction": pipeline_rate / network_rate,
+        "peak_memory_mb": _peak_rss_mb(),
+        "peak_gpu_memory_mb": _peak_gpu_mb(trainer.state.device),
+    }
+
+
+def _in_fresh_process(fn, *args) -> dict:  # noqa: ANN001
+    """Run ``fn(*args)`` in a new process (its own peak memory) and return its result."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _table(results: dict) -> str:
+    lines = [f"{'measurement':<34}{'device':<8}{'value':>12}  unit", "-" * 64]
+    for device, r in results["inference"].items():
+        for stage, sec in r["seconds"].items():
+            lines.append(f"{'inference ' + stage:<34}{device:<8}{sec:>12.3f}  s")
+        lines.append(f"{'inference total per patient':<34}{device:<8}{r['total_seconds']:>12.3f}  s")
+        lines.append(f"{'inference peak memory':<34}{device:<8}{r['peak_memory_mb']:>12.0f}  MB (host)")
+        if r["peak_gpu_memory_mb"] is not None:
+            lines.append(f"{'inference peak GPU memory':<34}{device:<8}{r['peak_gpu_memory_mb']:>12.0f}  MB")
+    for device, r in results["training"].items():
+        lines.append(f"{'training, full pipeline':<34}{device:<8}{r['pipeline_rate']:>12.1f}  {r['unit']}")
+        lines.append(f"{'training, network only':<34}{device:<8}{r['network_only_rate']:>12.1f}  {r['unit']}")
+        lines.append(f"{'pipeline / network-only':<34}{device:<8}{100 * r['pipeline_fraction']:>11.1f}%")
+        lines.append(f"{'training peak memory':<34}{device:<8}{r['peak_memory_mb']:>12.0f}  MB (host)")
+        if r["peak_gpu_memory_mb"] is not None:
+            lines.append(f"{'training peak GPU memory':<34}{device:<8}{r['peak_gpu_memory_mb']:>12.0f}  MB")
+    return "\n".join(lines)
+
+
+def run_benchmark(
+    bundle: str | Path = "bundles/openkbp_dose",
+    data: str | Path | None = None,
+    out: str | Path = "benchmark.json",
+    device: str | None = None,
+    repeats: int = 3,
+) -> dict:
+    """Benchmark inference (and training when ``data`` holds a dataset with doses); print a table, write JSON.
+
+    Args:
+        bundle: bundle folder with trained weights.
+        data: an OpenKBP NIfTI dataset folder (``dataset.json``); default: the example patient, inference only.
+        out: JSON file to write.
+        device: ``cpu`` or ``cuda``; default: the CPU, and CUDA when available.
+        repeats: timed repetitions of inference (after one warm-up run).
+    """
+    devices = [device] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if data is not None and (Path(data) / "dataset.json").is_file():
+        patient = load_openkbp_datalist(data, "validation")[0]
+    else:
+        patient = patient_folder_datalist(data or Path(bundle).resolve().parents[1] / "examples")[0]
+    results: dict = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "patient": patient.get("id"),
+        "inference": {},
+        "training": {},
+    }
+    if torch.cuda.is_available():
+        results["machine"]["gpu"] = torch.cuda.get_device_name(0)
+    for dev in devices:
+        results["inference"][dev] = _in_fresh_process(benchmark_inference, str(bundle), patient, dev, repeats)
+        if data is not None and (Path(data) / "dataset.json").is_file():
+            results["training"][dev] = _in_fresh_process(benchmark_training, str(bundle), str(data), dev)
+    print(_table(results))
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,88 @@
+"""Command line: ``python -m monai_dose <command>``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .data.convert import convert_openkbp
+
+    convert_openkbp(args.src, args.dst)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate_predictions
+
+    scores = evaluate_predictions(args.data, args.predictions, args.out, split=args.split)
+    print(f"dose score {scores['dose_score']:.4f} Gy, DVH score {scores['dvh_score']:.4f} Gy -> {args.out}")
+
+
+def _predict_dicom(args: argparse.Namespace) -> None:
+    from .dicom import predict_dicom
+
+    predict_dicom(
+        ct_dir=args.ct,
+        rtstruct=args.rtstruct,
+        bundle=args.bundle,
+        out_dir=args.out,
+        name_map=args.name_map,
+        possible_dose_mask=args.possible_dose_mask,
+    )
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    from .benchmark import run_benchmark
+
+    run_benchmark(bundle=args.bundle, data=args.data, out=args.out, device=args.device, repeats=args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``monai_dose`` argument parser with one sub-command per workflow."""
+    parser = argparse.ArgumentParser(prog="python -m monai_dose", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert-openkbp", help="OpenKBP CSV `provided-data` folder -> NIfTI dataset")
+    p.add_argument("src", type=Path, help="folder holding train-pats/, validation-pats/ and/or test-pats/")
+    p.add_argument("dst", type=Path, help="output dataset folder (dataset.json and one folder per patient)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("evaluate", help="OpenKBP dose and DVH scores of predicted doses")
+    p.add_argument("--data", type=Path, required=True, help="NIfTI dataset folder (with dataset.json)")
+    p.add_argument("--predictions", type=Path, required=True, help="PRED/<id>/*.nii.gz or PRED/<id>.nii.gz")
+    p.add_argument("--out", type=Path, required=True, help="output folder for scores.json, CSV and DVH plots")
+    p.add_argument("--split", default="validation", help="datalist section holding the reference doses")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict-dicom", help="DICOM CT series + RTSTRUCT -> RTDOSE")
+    p.add_argument("--ct", type=Path, required=True, help="folder holding the CT series")
+    p.add_argument("--rtstruct", type=Path, required=True, help="RTSTRUCT file")
+    p.add_argument("--bundle", type=Path, default=Path("bundles/openkbp_dose"), help="bundle folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder (RTDOSE.dcm, dose.nii.gz, dvh.csv)")
+    p.add_argument("--name-map", type=Path, default=None, help="JSON file overriding the ROI name map")
+    p.add_argument("--possible-dose-mask", default=None, help="ROI name of the possible-dose mask")
+    p.set_defaults(func=_predict_dicom)
+
+    p = sub.add_parser("benchmark", help="inference and training speed and memory on this machine")
+    p.add_argument("--bundle", type=Path, default=Path("bundles/openkbp_dose"), help="bundle folder")
+    p.add_argument("--data", type=Path, default=None, help="NIfTI dataset folder (default: the bundled example)")
+    p.add_argument("--out", type=Path, default=Path("benchmark.json"), help="JSON result file")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: both where available)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
+    p.set_defaults(func=_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; errors on user input print one line and exit with status 1."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,238 @@
+"""Dose prediction for new patients: :class:`DosePredictor` (arrays in, dose out) and batch prediction of files."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.inferers import Inferer, SimpleInferer, SliceInferer
+from monai.transforms import Compose, LoadImaged
+from monai.utils import convert_to_numpy
+from tqdm import tqdm
+
+from .data.openkbp import IMAGE_KEYS, STRUCTURES
+from .transforms import DoseInput, MaskDose, SliceNeighbours
+
+logger = logging.getLogger(__name__)
+
+
+def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike) -> torch.nn.Module:
+    """Load a state dict saved by the bundle (plain, or under ``"model"``) into ``network``, in float32."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return network
+
+
+class DosePredictor:
+    """Predict a dose volume from CT, structures and possible-dose mask held as arrays.
+
+    Example::
+
+        predictor = monai_dose.DosePredictor.from_bundle("bundles/openkbp_dose")
+        dose = predictor(ct, structures, possible_dose_mask)  # (128, 128, 128) float32 Gy
+
+    Args:
+        network: the dose network (not wrapped in :class:`~monai_dose.networks.MaskedDose`).
+        spatial_dims: 2 runs the network slice by slice along the last axis (``SliceInferer``), 3 on the volume.
+        input_set: input channels the network was trained with (see ``monai_dose.transforms.INPUT_SETS``).
+        neighbours: slices on each side stacked as channels (2.5D networks).
+        tta: average with the left-right flipped prediction (test-time augmentation).
+        device: where the network runs (default: CUDA when available).
+        amp: run the network under bfloat16 autocast.
+        sw_batch_size: slices per network call for 2D networks.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        spatial_dims: int = 2,
+        input_set: str = "reference",
+        neighbours: int = 0,
+        tta: bool = False,
+        device: str | torch.device | None = None,
+        amp: bool = True,
+        sw_batch_size: int = 32,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.network = network.to(self.device).eval()
+        self.spatial_dims = spatial_dims
+        self.input = DoseInput(input_set)
+        self.neighbours = SliceNeighbours(neighbours) if neighbours else None
+        self.tta = tta
+        self.amp = amp
+        self.inferer: Inferer = (
+            SliceInferer(spatial_dim=2, roi_size=(-1, -1), sw_batch_size=sw_batch_size, progress=False)
+            if spatial_dims == 2
+            else SimpleInferer()
+        )
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle_dir: str | os.PathLike,
+        checkpoint: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        **overrides,
+    ) -> DosePredictor:
+        """Build the predictor of a bundle's ``configs/inference.json`` with the weights of ``models/model.pt``.
+
+        ``overrides`` replace config values (e.g. ``tta=True``).
+        """
+        bundle_dir = Path(bundle_dir)
+        config_file = bundle_dir / "configs" / "inference.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file}: not a bundle (no configs/inference.json)")
+        parser = ConfigParser()
+        parser.read_config(config_file)
+        parser.update({"bundle_root": str(bundle_dir), **overrides})
+        if device is not None:
+            parser["device"] = f"$torch.device('{device}')"
+        checkpoint = Path(checkpoint or bundle_dir / "models" / "model.pt")
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint}: no trained weights (train the bundle or pass checkpoint=)")
+        network = load_weights(parser.get_parsed_content("network_def"), checkpoint)
+        return cls(
+            network,
+            spatial_dims=parser.get_parsed_content("spatial_dims"),
+            input_set=parser.get_parsed_content("input_set"),
+            neighbours=parser.get_parsed_content("neighbours"),
+            tta=parser.get_parsed_content("tta"),
+            device=parser.get_parsed_content("device"),
+        )
+
+    def _network(self, image: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            pred = self.inferer(image, self.network)
+            if self.tta:
+                flip = [3]  # left-right: the second in-plane axis of (B, C, H, W, D)
+                pred = (pred + self.inferer(image.flip(flip), self.network).flip(flip)) / 2
+        return pred.float()
+
+    def prepare(self, ct, structures, possible_dose_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the inputs (see :meth:`__call__`) and assemble the network input; returns ``(image, mask)``."""
+        ct_t = torch.as_tensor(np.asarray(ct, dtype=np.float32))
+        struct_t = torch.as_tensor(np.asarray(structures, dtype=np.float32))
+        mask_t = torch.as_tensor(np.asarray(possible_dose_mask, dtype=np.float32))[None]
+        if struct_t.ndim != 4 or struct_t.shape[-1] != len(STRUCTURES):
+            raise ValueError(
+                f"structures must be (H, W, D, {len(STRUCTURES)}) in the order {', '.join(STRUCTURES)}; "
+                f"got shape {tuple(struct_t.shape)}"
+            )
+        if ct_t.ndim != 3:
+            raise ValueError(f"ct must be a 3D volume (H, W, D), got shape {tuple(ct_t.shape)}")
+        if not torch.isfinite(ct_t).all():
+            raise ValueError("the CT contains NaN or infinite values")
+        if not (mask_t > 0).any():
+            raise ValueError("the possible-dose mask is empty")
+        image = self.input(ct_t[None], struct_t.movedim(-1, 0), mask_t)
+        if self.neighbours is not None:
+            image = self.neighbours(image)
+        return image, mask_t
+
+    def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Raw network output ``(1, H, W, D)`` for a prepared ``image``; 2D networks skip slices without mask."""
+        if self.spatial_dims == 3:
+            return self._network(image[None].to(self.device))[0].cpu()
+        pred = torch.zeros(mask.shape)
+        slices = torch.nonzero(mask.flatten(0, 2).any(0)).flatten()
+        first, last = int(slices[0]), int(slices[-1]) + 1
+        pred[..., first:last] = self._network(image[None, ..., first:last].to(self.device))[0].cpu()
+        return pred
+
+    @staticmethod
+    def postprocess(pred: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        """Masked-dose post-processing: ``(H, W, D)`` float32, >= 0, zero outside ``mask``."""
+        return convert_to_numpy(MaskDose()(pred, mask)[0], dtype=np.float32)
+
+    def __call__(
+        self, ct: np.ndarray | torch.Tensor, structures: np.ndarray | torch.Tensor, possible_dose_mask
+    ) -> np.ndarray:
+        """Predict the dose in Gy (float32, ``H, W, D``), >= 0 and zero outside the possible-dose mask.
+
+        Args:
+            ct: ``(H, W, D)`` OpenKBP CT values (Hounsfield units + 1024).
+            structures: ``(H, W, D, 10)`` binary masks in :data:`monai_dose.data.STRUCTURES` order.
+            possible_dose_mask: ``(H, W, D)`` binary mask of where dose may be non-zero.
+        """
+        image, mask = self.prepare(ct, structures, possible_dose_mask)
+        return self.postprocess(self.predict(image, mask), mask)
+
+
+def patient_loader() -> Compose:
+    """Load one patient's input files (``ct``, ``structures``, ``possible_dose_mask`` keys) with their metadata."""
+    return Compose([LoadImaged(list(IMAGE_KEYS), dtype=None, image_only=True)])
+
+
+def _check_grids(patient: dict) -> None:
+    """Raise when the loaded CT and masks differ in shape or affine."""
+    reference = patient["ct"]
+    for key in IMAGE_KEYS[1:]:
+        other = patient[key]
+        if tuple(other.shape[:3]) != tuple(reference.shape[:3]):
+            raise ValueError(f"{key} grid {tuple(other.shape[:3])} differs from the CT grid {tuple(reference.shape)}")
+        if not torch.allclose(other.affine.double(), reference.affine.double(), atol=1e-3):
+            raise ValueError(f"{key} affine differs from the CT affine")
+
+
+def save_dose(dose: np.ndarray, reference_file: str | os.PathLike, out_file: str | os.PathLike) -> Path:
+    """Write ``dose`` as float32 NIfTI with the header and affine of ``reference_file``, atomically."""
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    reference = nib.load(str(reference_file))
+    image = nib.Nifti1Image(dose.astype(np.float32), reference.affine, reference.header)
+    image.set_data_dtype(np.float32)
+    image.header.set_slope_inter(1, 0)
+    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=out_file.parent, prefix=".tmp_")
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, out_file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out_file
+
+
+def predict_patients(
+    predictor: DosePredictor | Callable,
+    datalist: Sequence[dict],
+    output_dir: str | os.PathLike,
+    loader: Callable | None = None,
+) -> dict[str, Path]:
+    """Predict every patient of ``datalist`` and write ``output_dir/<id>/dose.nii.gz`` on the CT's grid.
+
+    A patient whose input is bad is reported (logged with its id and the problem) and skipped; the others are
+    still predicted. Raises ``RuntimeError`` listing the failed patients at the end, if any.
+
+    Returns:
+        patient id -> written dose file.
+    """
+    loader = loader or patient_loader()
+    written: dict[str, Path] = {}
+    failures: dict[str, str] = {}
+    for item in tqdm(datalist, desc="predicting", unit="patient"):
+        patient_id = str(item.get("id", Path(item["ct"]).parent.name))
+        try:
+            missing = [k for k in IMAGE_KEYS if k not in item or not Path(item[k]).is_file()]
+            if missing:
+                raise FileNotFoundError(f"missing {', '.join(f'{k}.nii.gz' for k in missing)}")
+            patient = loader(item)
+            _check_grids(patient)
+            dose = predictor(patient["ct"], patient["structures"], patient["possible_dose_mask"])
+            written[patient_id] = save_dose(dose, item["ct"], Path(output_dir) / patient_id / "dose.nii.gz")
+        except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+            failures[patient_id] = str(err)
+            logger.error("patient %s: %s", patient_id, err)
+    if failures:
+        details = "; ".join(f"{k}: {v}" for k, v in failures.items())
+        raise RuntimeError(f"{len(failures)} of {len(datalist)} patients failed ({details})")
+    return written

@@ -1,0 +1,114 @@
+"""The reference DCNN: a U-Net-like encoder-decoder with a dense block of dilated convolutions as bottleneck."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution, UpSample
+from monai.networks.layers.factories import Pool
+from torch import nn
+
+
+class DilatedDenseBlock(nn.Module):
+    """Densely connected dilated convolutions: each layer sees the block input and every earlier layer's output.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels; the block returns ``in_channels`` channels too (1x1 fusion).
+        growth: channels added by each dilated convolution.
+        dilations: one convolution per dilation rate.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        growth: int,
+        dilations: Sequence[int] = (2, 3, 5, 7, 9),
+        act: str | tuple = "RELU",
+        norm: str | tuple = "BATCH",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            Convolution(spatial_dims, in_channels + i * growth, growth, dilation=d, act=act, norm=norm, dropout=dropout)
+            for i, d in enumerate(dilations)
+        )
+        self.fuse = Convolution(
+            spatial_dims, in_channels + len(dilations) * growth, in_channels, kernel_size=1, act=act, norm=norm
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, dim=1)))
+        return self.fuse(torch.cat(features, dim=1))
+
+
+class DCNN(nn.Module):
+    """U-Net-like dose network whose bottleneck is a :class:`DilatedDenseBlock` (the reference "DCNN").
+
+    Each encoder level has two 3x3 convolutions (norm, activation) then max-pooling; the decoder upsamples with
+    transposed convolutions, concatenates the skip connection and applies two convolutions; a 1x1 convolution
+    gives the output. Input sizes must be divisible by ``2 ** (len(channels) - 1)``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels (12 for the reference input set).
+        out_channels: output channels (1: dose).
+        channels: widths of the encoder levels; the last is the bottleneck width.
+        dilations: dilation rates of the bottleneck's dense block.
+        growth: channels added per dilated convolution (default: a quarter of the bottleneck width).
+        dropout: dropout rate in the bottleneck.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 12,
+        out_channels: int = 1,
+        channels: Sequence[int] = (16, 32, 64, 128),
+        dilations: Sequence[int] = (2, 3, 5, 7, 9),
+        growth: int | None = None,
+        act: str | tuple = "RELU",
+        norm: str | tuple = "BATCH",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(channels) < 2:
+            raise ValueError(f"channels needs at least two levels, got {channels}")
+
+        def double_conv(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                Convolution(spatial_dims, cin, cout, act=act, norm=norm),
+                Convolution(spatial_dims, cout, cout, act=act, norm=norm),
+            )
+
+        widths = [in_channels, *channels]
+        self.encoders = nn.ModuleList(double_conv(widths[i], widths[i + 1]) for i in range(len(channels) - 1))
+        self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2)
+        bottleneck = channels[-1]
+        self.bottleneck = nn.Sequential(
+            double_conv(channels[-2], bottleneck),
+            DilatedDenseBlock(spatial_dims, bottleneck, growth or bottleneck // 4, dilations, act, norm, dropout),
+        )
+        self.upsamples = nn.ModuleList(
+            UpSample(spatial_dims, channels[i + 1], channels[i], scale_factor=2, mode="deconv")
+            for i in reversed(range(len(channels) - 1))
+        )
+        self.decoders = nn.ModuleList(
+            double_conv(2 * channels[i], channels[i]) for i in reversed(range(len(channels) - 1))
+        )
+        self.head = Convolution(spatial_dims, channels[0], out_channels, kernel_size=1, conv_only=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips: list[torch.Tensor] = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for level, (upsample, decoder) in enumerate(zip(self.upsamples, self.decoders)):  # noqa: B905 (TorchScript)
+            x = decoder(torch.cat([upsample(x), skips[-1 - level]], dim=1))
+        return self.head(x)

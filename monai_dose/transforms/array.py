@@ -1,0 +1,144 @@
+"""Array transforms for dose prediction: model input assembly, slice sampling and masked-dose post-processing.
+
+Arrays are channel-first (``C, H, W[, D]``) as in MONAI; OpenKBP volumes are ``128^3`` with axis ``D`` (the last)
+the cranio-caudal slice axis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.config import NdarrayOrTensor
+from monai.transforms import Randomizable, Transform
+from monai.utils import convert_to_tensor
+
+from ..data.openkbp import OARS, STRUCTURES, TARGET_DOSES_GY
+
+CT_RANGE = (0.0, 4095.0)
+"""OpenKBP CT values (HU + 1024) are clipped to this range, then scaled to 0..1."""
+INPUT_SETS: dict[str, int] = {"reference": 1 + len(STRUCTURES) + 1, "merged_targets": 1 + len(OARS) + 1 + 1}
+"""Input channel sets and their channel count per slice.
+
+- ``reference``: CT, the 10 structures, possible-dose mask (the reference method's 12 channels).
+- ``merged_targets``: CT, the 7 OARs, one target channel holding the highest prescription covering each voxel
+  divided by 70 Gy, possible-dose mask (10 channels).
+"""
+
+
+def input_channels(input_set: str = "reference", neighbours: int = 0) -> int:
+    """Number of network input channels for ``input_set`` with ``neighbours`` slices on each side (2.5D)."""
+    if input_set not in INPUT_SETS:
+        raise ValueError(f"unknown input_set '{input_set}', expected one of {sorted(INPUT_SETS)}")
+    return INPUT_SETS[input_set] * (2 * neighbours + 1)
+
+
+def mask_channel(input_set: str = "reference", neighbours: int = 0) -> int:
+    """Index of the central slice's possible-dose mask among the network input channels."""
+    return (input_channels(input_set) - 1) * (2 * neighbours + 1) + neighbours
+
+
+class DoseInput(Transform):
+    """Assemble the network input from CT, structure masks and possible-dose mask.
+
+    The CT is clipped to 0..4095 and scaled to 0..1; masks become float {0, 1}. For 2.5D input (``S`` stacked
+    slices per channel, see :class:`RandSliceSample`) the CT has ``S`` channels, the structures ``10 * S`` and the
+    mask ``S``; the output then has ``input_channels(input_set) * S`` channels in the same channel-major order.
+
+    Args:
+        input_set: a key of :data:`INPUT_SETS`.
+    """
+
+    def __init__(self, input_set: str = "reference") -> None:
+        input_channels(input_set)
+        self.input_set = input_set
+
+    def __call__(
+        self, ct: NdarrayOrTensor, structures: NdarrayOrTensor, possible_dose_mask: NdarrayOrTensor
+    ) -> torch.Tensor:
+        ct_t = convert_to_tensor(ct, track_meta=False, dtype=torch.float32)
+        struct_t = convert_to_tensor(structures, track_meta=False, dtype=torch.float32)
+        mask_t = convert_to_tensor(possible_dose_mask, track_meta=False, dtype=torch.float32)
+        stack = ct_t.shape[0]
+        if struct_t.shape[0] != len(STRUCTURES) * stack:
+            raise ValueError(f"expected {len(STRUCTURES)} structure channels, got {struct_t.shape[0] // stack}")
+        if not ct_t.shape[1:] == struct_t.shape[1:] == mask_t.shape[1:]:
+            raise ValueError(
+                f"CT {tuple(ct_t.shape[1:])}, structures {tuple(struct_t.shape[1:])} and possible-dose mask "
+                f"{tuple(mask_t.shape[1:])} are not on the same grid"
+            )
+        ct_t = (ct_t.clamp(*CT_RANGE) - CT_RANGE[0]) / (CT_RANGE[1] - CT_RANGE[0])
+        struct_t = struct_t.reshape(len(STRUCTURES), stack, *struct_t.shape[1:])
+        if self.input_set == "merged_targets":
+            n_oars = len(OARS)
+            doses = torch.tensor(list(TARGET_DOSES_GY.values())) / max(TARGET_DOSES_GY.values())
+            targets = (struct_t[n_oars:] * doses.reshape(-1, *([1] * (struct_t.ndim - 1)))).amax(0, keepdim=True)
+            struct_t = torch.cat([struct_t[:n_oars], targets])
+        return torch.cat([ct_t, struct_t.flatten(0, 1), mask_t])
+
+
+def _with_neighbours(volume: torch.Tensor, indices: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """Slices ``indices`` of ``volume`` (C, H, W, D) with ``neighbours`` slices each side as channels.
+
+    Returns ``(C * (2n + 1), H, W, len(indices))``, channel ``c * (2n + 1) + n + offset``; edges are replicated.
+    """
+    offsets = torch.arange(-neighbours, neighbours + 1)
+    idx = (indices[None, :] + offsets[:, None]).clamp(0, volume.shape[-1] - 1)  # (2n+1, K)
+    slabs = volume[..., idx.reshape(-1)].reshape(*volume.shape[:-1], *idx.shape)  # (C, H, W, 2n+1, K)
+    return slabs.movedim(-2, 1).reshape(-1, *volume.shape[1:-1], idx.shape[1])
+
+
+class SliceNeighbours(Transform):
+    """Stack ``neighbours`` slices on each side of every slice as extra channels (2.5D input of a volume).
+
+    ``(C, H, W, D) -> (C * (2n + 1), H, W, D)`` with the same channel order as :class:`RandSliceSample`.
+    """
+
+    def __init__(self, neighbours: int = 1) -> None:
+        self.neighbours = neighbours
+
+    def __call__(self, volume: NdarrayOrTensor) -> torch.Tensor:
+        vol = convert_to_tensor(volume, track_meta=False)
+        return _with_neighbours(vol, torch.arange(vol.shape[-1]), self.neighbours)
+
+
+class RandSliceSample(Randomizable, Transform):
+    """Draw axial slices (last axis) where a mask is non-empty, for 2D or 2.5D training.
+
+    Args:
+        num_samples: slices drawn per call.
+        neighbours: slices added on each side as channels (0 for 2D).
+    """
+
+    def __init__(self, num_samples: int = 8, neighbours: int = 0) -> None:
+        self.num_samples = num_samples
+        self.neighbours = neighbours
+        self._indices = torch.zeros(0, dtype=torch.long)
+
+    def randomize(self, mask: NdarrayOrTensor) -> None:
+        mask_t = convert_to_tensor(mask, track_meta=False)
+        candidates = torch.nonzero(mask_t.reshape(-1, mask_t.shape[-1]).any(dim=0)).flatten()
+        if len(candidates) == 0:
+            raise ValueError("the possible-dose mask is empty: no slice to sample")
+        self._indices = candidates[torch.from_numpy(self.R.randint(0, len(candidates), self.num_samples))]
+
+    def __call__(self, volume: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> list[torch.Tensor]:
+        """Slices of ``volume``, re-drawn from ``mask`` when it is given (else the last draw is reused)."""
+        if mask is not None:
+            self.randomize(mask)
+        vol = convert_to_tensor(volume, track_meta=False)
+        stack = _with_neighbours(vol, self._indices, self.neighbours)
+        return list(stack.unbind(-1))
+
+
+class MaskDose(Transform):
+    """Masked-dose post-processing: clip negative dose to 0 and zero it outside the possible-dose mask.
+
+    A mask with more channels than the dose (a 2.5D slice stack) is read at its central channel.
+    """
+
+    def __call__(self, dose: NdarrayOrTensor, possible_dose_mask: NdarrayOrTensor) -> NdarrayOrTensor:
+        centre = possible_dose_mask.shape[0] // 2
+        mask = possible_dose_mask[centre : centre + 1] > 0 if dose.shape[0] == 1 else possible_dose_mask > 0
+        if isinstance(dose, np.ndarray):
+            return np.clip(dose, 0, None) * np.asarray(mask, dtype=dose.dtype)
+        return dose.clamp_min(0) * convert_to_tensor(mask, device=dose.device, dtype=dose.dtype)

@@ -1,0 +1,121 @@
+"""Dictionary wrappers of :mod:`monai_dose.transforms.array`."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable
+
+from .array import DoseInput, MaskDose, RandSliceSample, SliceNeighbours
+
+
+class DoseInputd(MapTransform):
+    """Dictionary wrapper of :class:`DoseInput`: writes the network input to ``name``.
+
+    Args:
+        keys: the CT, structures and possible-dose-mask keys, in this order.
+        name: key of the assembled input.
+        input_set: see :data:`monai_dose.transforms.array.INPUT_SETS`.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("ct", "structures", "possible_dose_mask"),
+        name: str = "image",
+        input_set: str = "reference",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 3:
+            raise ValueError(f"expected the CT, structures and possible-dose-mask keys, got {self.keys}")
+        self.name = name
+        self.transform = DoseInput(input_set)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        d[self.name] = self.transform(*(d[k] for k in self.keys))
+        return d
+
+
+class SliceNeighboursd(MapTransform):
+    """Dictionary wrapper of :class:`SliceNeighbours`."""
+
+    def __init__(self, keys: KeysCollection, neighbours: int = 1, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = SliceNeighbours(neighbours)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
+class RandSliceSampled(Randomizable, MapTransform):
+    """Dictionary wrapper of :class:`RandSliceSample`: the same slices of every key, one dict per slice.
+
+    Args:
+        keys: volumes to slice (C, H, W, D).
+        mask_key: slices are drawn where this mask is non-empty (the possible-dose mask).
+        num_samples: slices drawn per volume.
+        neighbours: neighbouring slices added on each side as channels, for ``neighbour_keys`` (2.5D).
+        neighbour_keys: keys that get neighbours (default: all); the others get the central slice only.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mask_key: str = "possible_dose_mask",
+        num_samples: int = 8,
+        neighbours: int = 0,
+        neighbour_keys: Sequence[str] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.neighbour_keys = set(self.keys if neighbour_keys is None else neighbour_keys)
+        self.sampler = RandSliceSample(num_samples, neighbours)
+        self.central = RandSliceSample(num_samples, 0)
+
+    def set_random_state(self, seed: int | None = None, state=None) -> RandSliceSampled:  # noqa: ANN001
+        super().set_random_state(seed, state)
+        self.sampler.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: object = None) -> None:
+        self.sampler.randomize(data)
+        self.central._indices = self.sampler._indices
+
+    def __call__(self, data: Mapping[Hashable, object]) -> list[dict[Hashable, object]]:
+        d = dict(data)
+        self.randomize(d[self.mask_key])
+        samples: list[dict[Hashable, object]] = [dict(d) for _ in range(self.sampler.num_samples)]
+        for key in self.key_iterator(d):
+            sampler = self.sampler if key in self.neighbour_keys else self.central
+            for sample, slice_ in zip(samples, sampler(d[key]), strict=True):
+                sample[key] = slice_
+        return samples
+
+
+class MaskDosed(MapTransform):
+    """Dictionary wrapper of :class:`MaskDose`: clip ``keys`` at 0 and zero them outside ``mask_key``."""
+
+    def __init__(
+        self, keys: KeysCollection, mask_key: str = "possible_dose_mask", allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.transform = MaskDose()
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key], d[self.mask_key])
+        return d
+
+
+DoseInputD = DoseInputDict = DoseInputd
+SliceNeighboursD = SliceNeighboursDict = SliceNeighboursd
+RandSliceSampleD = RandSliceSampleDict = RandSliceSampled
+MaskDoseD = MaskDoseDict = MaskDosed

@@ -1,0 +1,263 @@
+"""Every config of bundles/openkbp_dose run for real on a few OpenKBP patients, on the CPU, with a tiny network."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_dose import DosePredictor
+from monai_dose.networks import DCNN
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "openkbp_dose"
+TINY = ["--network_def#channels", "[4,8,16]", "--network_def#dilations", "[2,3]"]
+SMALL_DATA = ["--num_train", "2", "--num_val", "2", "--batch_size", "1", "--num_slices", "4"]
+SMALL_RUN = ["--num_workers", "0", "--cache_workers", "0", "--val_interval", "1"]
+
+
+def epochs_done(checkpoint: Path) -> int:
+    """Epochs completed according to the trainer state in a training checkpoint."""
+    trainer = torch.load(checkpoint, weights_only=True)["trainer"]
+    return trainer["iteration"] // trainer["epoch_length"]
+
+
+def bundle_run(*args: str, config: str | list[str] = "train.json", runner=(sys.executable,), timeout=600, **kw):
+    """Run ``python -m monai.bundle run`` and return the completed process (output captured)."""
+    files = [str(BUNDLE / "configs" / c) for c in ([config] if isinstance(config, str) else config)]
+    config_file = files[0] if len(files) == 1 else str(files)
+    cmd = [*runner, "-m", "monai.bundle", *args, "--config_file", config_file, "--logging_file", "False"]
+    cmd += ["--meta_file", str(BUNDLE / "configs" / "metadata.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, openkbp_dir) -> Path:
+    """A bundle root holding a checkpoint trained for 2 epochs on 2 patients."""
+    root = tmp_path_factory.mktemp("bundle")
+    bundle_run(
+        "run", "training", "--bundle_root", str(root), "--dataset_dir", str(openkbp_dir), "--epochs", "2",
+        *SMALL_DATA, *SMALL_RUN, *TINY,
+    )  # fmt: skip
+    return root
+
+
+def test_training_writes_best_model_and_logs(trained):
+    models = trained / "models"
+    assert (models / "model.pt").is_file()
+    state = torch.load(models / "model.pt", weights_only=True)
+    net = DCNN(2, 36, 1, channels=(4, 8, 16), dilations=(2, 3))
+    net.load_state_dict(state)  # the best checkpoint holds the bare network's weights
+    assert epochs_done(models / "checkpoint_last.pt") == 2
+    assert any((trained / "logs").iterdir())  # TensorBoard events
+
+
+def test_resume_after_kill(tmp_path, openkbp_dir):
+    """Kill a run in its second epoch; the next run continues from the last epoch checkpoint."""
+    args = ["--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), *SMALL_DATA, *TINY]
+    args += ["--num_workers", "0", "--cache_workers", "0", "--val_interval", "1000"]
+    files = str([str(BUNDLE / "configs" / "train.json")])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files, "--logging_file", "False"]
+    proc = subprocess.Popen(
+        [*cmd, *args, "--epochs", "1000"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    models = tmp_path / "models"
+    deadline = time.time() + 300
+    while not list(models.glob("checkpoint_epoch=*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = max(models.glob("checkpoint_epoch=*.pt"), key=os.path.getmtime)
+    epoch_done = epochs_done(saved)
+    assert 1 <= epoch_done < 1000
+    out = bundle_run("run", "training", *args, "--epochs", str(epoch_done + 2))
+    assert f"Epoch [{epoch_done + 1}/{epoch_done + 2}]" in out.stderr  # continued, not restarted
+    assert f"Epoch [1/{epoch_done + 2}]" not in out.stderr
+    assert epochs_done(models / "checkpoint_last.pt") == epoch_done + 2
+
+
+def test_evaluate_writes_scores(trained, openkbp_dir):
+    out_dir = trained / "eval"
+    bundle_run(
+        "run", "--bundle_root", str(trained), "--dataset_dir", str(openkbp_dir), "--output_dir", str(out_dir),
+        *SMALL_DATA, *TINY, config=["train.json", "evaluate.json"],
+    )  # fmt: skip
+    scores = json.loads((out_dir / "scores.json").read_text())
+    assert set(scores["dose_error_per_patient"]) == {"pt_201", "pt_202"}
+    assert np.isfinite(scores["dose_score"]) and np.isfinite(scores["dvh_score"])
+    assert (out_dir / "scores_per_patient.csv").is_file() and (out_dir / "dvh" / "pt_201.png").is_file()
+
+
+@pytest.fixture
+def new_patients(tmp_path, openkbp_dir) -> Path:
+    """Two validation patients without their dose files."""
+    root = tmp_path / "patients"
+    for pid in ("pt_201", "pt_202"):
+        shutil.copytree(openkbp_dir / "validation" / pid, root / pid, ignore=shutil.ignore_patterns("dose.nii.gz"))
+    return root
+
+
+def test_inference_on_new_patients(trained, new_patients, tmp_path, openkbp_dir):
+    out_dir = tmp_path / "out"
+    before = {p: p.stat().st_mtime_ns for p in new_patients.rglob("*.nii.gz")}
+    bundle_run(
+        "run", "--dataset_dir", str(new_patients), "--output_dir", str(out_dir),
+        "--ckpt_path", str(trained / "models" / "model.pt"), *TINY, config="inference.json",
+    )  # fmt: skip
+    for pid in ("pt_201", "pt_202"):
+        written = nib.load(out_dir / pid / "dose.nii.gz")
+        ct = nib.load(new_patients / pid / "ct.nii.gz")
+        mask = np.asanyarray(nib.load(new_patients / pid / "possible_dose_mask.nii.gz").dataobj)
+        dose = np.asanyarray(written.dataobj)
+        assert written.get_data_dtype() == np.float32 and dose.shape == (128, 128, 128)
+        np.testing.assert_allclose(written.affine, ct.affine)
+        np.testing.assert_allclose(written.affine, nib.load(openkbp_dir / "validation" / pid / "dose.nii.gz").affine)
+        assert dose.min() >= 0 and not dose[mask == 0].any()
+    assert {p: p.stat().st_mtime_ns for p in new_patients.rglob("*.nii.gz")} == before  # inputs untouched
+    assert not list(out_dir.rglob(".tmp*"))
+
+
+def _break(patient: Path, problem: str) -> None:
+    """Corrupt one input of ``patient`` in the way named by ``problem``."""
+
+    def rewrite(name: str, array: np.ndarray, affine: np.ndarray | None = None) -> None:
+        image = nib.load(patient / name)
+        nib.save(nib.Nifti1Image(array, image.affine if affine is None else affine), patient / name)
+
+    ct = np.asanyarray(nib.load(patient / "ct.nii.gz").dataobj)
+    if problem == "missing file":
+        (patient / "structures.nii.gz").unlink()
+    elif problem == "different grids":
+        rewrite("possible_dose_mask.nii.gz", np.zeros((128, 128, 100), np.uint8))
+    elif problem == "different affine":
+        rewrite("structures.nii.gz", np.asanyarray(nib.load(patient / "structures.nii.gz").dataobj), np.eye(4) * 2)
+    elif problem == "NaN in CT":
+        ct = ct.astype(np.float32)
+        ct[60, 60, 60] = np.nan
+        rewrite("ct.nii.gz", ct)
+    elif problem == "structure channels":
+        rewrite("structures.nii.gz", np.asanyarray(nib.load(patient / "structures.nii.gz").dataobj)[..., :9])
+    elif problem == "empty mask":
+        rewrite("possible_dose_mask.nii.gz", np.zeros((128, 128, 128), np.uint8))
+
+
+PROBLEMS = {
+    "missing file": "missing structures.nii.gz",
+    "different grids": "differs from the CT grid",
+    "different affine": "affine differs",
+    "NaN in CT": "NaN",
+    "structure channels": "structures must be",
+    "empty mask": "possible-dose mask is empty",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor() -> DosePredictor:
+    torch.manual_seed(0)
+    return DosePredictor(DCNN(2, 36, 1, channels=(4, 8), dilations=(2,)), neighbours=1, device="cpu")
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_bad_patient_named_and_others_still_written(problem, new_patients, tmp_path, tiny_predictor, caplog):
+    from monai_dose.data import patient_folder_datalist
+    from monai_dose.inference import predict_patients
+
+    _break(new_patients / "pt_202", problem)
+    with pytest.raises(RuntimeError, match=r"1 of 2 patients failed \(pt_202: .*") as err:
+        predict_patients(tiny_predictor, patient_folder_datalist(new_patients), tmp_path / "out")
+    assert PROBLEMS[problem] in str(err.value)
+    assert (tmp_path / "out" / "pt_201" / "dose.nii.gz").is_file()
+    assert not (tmp_path / "out" / "pt_202").exists()
+    assert any("pt_202" in r.getMessage() and PROBLEMS[problem] in r.getMessage() for r in caplog.records)
+
+
+def test_bundle_inference_reports_bad_patient(trained, new_patients, tmp_path):
+    """Through the bundle command: the run fails naming the patient, after writing the good one."""
+    _break(new_patients / "pt_202", "empty mask")
+    files = str(BUNDLE / "configs" / "inference.json")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--logging_file", "False"]
+    cmd += ["--dataset_dir", str(new_patients), "--output_dir", str(tmp_path / "out")]
+    cmd += ["--ckpt_path", str(trained / "models" / "model.pt"), *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode != 0
+    assert "pt_202: the possible-dose mask is empty" in proc.stderr
+    assert (tmp_path / "out" / "pt_201" / "dose.nii.gz").is_file()
+
+
+def test_predictor_from_bundle_matches_bundle_inference(trained, new_patients, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    shutil.copytree(trained / "models", bundle / "models")
+    overrides = {"network_def#channels": [4, 8, 16], "network_def#dilations": [2, 3]}
+    predictor = DosePredictor.from_bundle(bundle, device="cpu", **overrides)
+    patient = new_patients / "pt_201"
+    arrays = [
+        np.asanyarray(nib.load(patient / f"{k}.nii.gz").dataobj) for k in ("ct", "structures", "possible_dose_mask")
+    ]
+    dose = predictor(*arrays)
+    assert dose.shape == (128, 128, 128) and dose.dtype == np.float32 and dose.min() >= 0
+    bundle_run(
+        "run", "--dataset_dir", str(patient), "--output_dir", str(tmp_path / "out"),
+        "--ckpt_path", str(trained / "models" / "model.pt"), *TINY, config="inference.json",
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asanyarray(nib.load(tmp_path / "out" / "pt_201" / "dose.nii.gz").dataobj), dose)
+
+
+def test_two_process_ddp_training_on_cpu(tmp_path, openkbp_dir):
+    runner = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
+    bundle_run(
+        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        *SMALL_DATA, *SMALL_RUN, *TINY, config=["train.json", "multi_gpu_train.json"], runner=runner,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert epochs_done(tmp_path / "models" / "checkpoint_last.pt") == 1
+
+
+def test_metadata_and_network_checks(trained, tmp_path):
+    configs = BUNDLE / "configs"
+    meta = ["--meta_file", str(configs / "metadata.json")]
+    schema = ["--filepath", str(configs / "metadata_schema.json")]
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", *meta, *schema],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
+    common = [*meta, "--config_file", str(configs / "inference.json"), *TINY]
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", *common, "--device", "cpu"],
+        check=True, cwd=REPO, capture_output=True,
+    )  # fmt: skip
+    ts = tmp_path / "model.ts"
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+         "--ckpt_file", str(trained / "models" / "model.pt"), *common],
+        check=True, cwd=REPO, capture_output=True,
+    )  # fmt: skip
+    exported = torch.jit.load(ts)
+    x = torch.rand(1, 36, 64, 64)
+    reference = DCNN(2, 36, 1, channels=(4, 8, 16), dilations=(2, 3))
+    reference.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
+    torch.testing.assert_close(exported(x), reference.eval()(x))
+
+
+def test_inference_config_matches_training_config():
+    """The network and its inputs are defined in both configs: they must not drift apart."""
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    infer = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    for key in ("spatial_dims", "input_set", "neighbours", "in_channels", "network_def"):
+        assert train[key] == infer[key], key

@@ -1,0 +1,54 @@
+"""Networks: shapes for 2D and 3D, the dense dilated bottleneck, the cascade and the masked output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+from monai_dose.networks import DCNN, Cascade, DilatedDenseBlock, MaskedDose
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_dcnn_shapes(spatial_dims):
+    net = DCNN(spatial_dims, in_channels=12, out_channels=1, channels=(4, 8, 16))
+    x = torch.rand(2, 12, *([32] * spatial_dims))
+    assert net(x).shape == (2, 1, *([32] * spatial_dims))
+
+
+def test_dense_block_uses_dilations_and_grows():
+    block = DilatedDenseBlock(2, in_channels=8, growth=4, dilations=(2, 3, 5, 7, 9))
+    convs = [layer.conv for layer in block.layers]
+    assert [c.dilation for c in convs] == [(2, 2), (3, 3), (5, 5), (7, 7), (9, 9)]
+    assert [c.in_channels for c in convs] == [8, 12, 16, 20, 24]  # each layer sees all earlier outputs
+    assert block(torch.rand(1, 8, 24, 24)).shape == (1, 8, 24, 24)
+
+
+def test_dcnn_bottleneck_sees_far():
+    """A dilated bottleneck gives a receptive field covering the whole 128 x 128 slice from its centre."""
+    net = DCNN(2, 1, 1, channels=(2, 4, 8, 16)).eval()
+    x = torch.zeros(1, 1, 128, 128, requires_grad=True)
+    net(x)[0, 0, 64, 64].backward()
+    rows = torch.nonzero(x.grad[0, 0].abs().sum(1)).flatten()
+    assert rows.min() <= 8 and rows.max() >= 120
+
+
+def test_cascade_feeds_second_stage_input_and_first_output():
+    first = UNet(2, 12, 1, channels=(4, 8), strides=(2,))
+    second = UNet(2, 13, 1, channels=(4, 8), strides=(2,))
+    assert Cascade(first, second)(torch.rand(1, 12, 32, 32)).shape == (1, 1, 32, 32)
+    with pytest.raises(RuntimeError):
+        Cascade(first, UNet(2, 12, 1, channels=(4, 8), strides=(2,)))(torch.rand(1, 12, 32, 32))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_masked_dose_output(amp):
+    torch.manual_seed(0)
+    net = MaskedDose(DCNN(2, 12, 1, channels=(4, 8)), mask_channel=11, amp=amp)
+    x = torch.rand(2, 12, 16, 16)
+    x[:, 11] = (torch.rand(2, 16, 16) > 0.5).float()
+    y = net(x)
+    assert y.dtype == torch.float32 and y.min() >= 0
+    assert (y[:, 0][x[:, 11] == 0] == 0).all()
+    y.sum().backward()  # trains through the autocast region
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
