@@ -13,9 +13,11 @@ import resource
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from .data.openkbp import load_openkbp_datalist, patient_folder_datalist
@@ -98,7 +100,7 @@ def benchmark_training(
         trainer = parser.get_parsed_content("train#trainer")
         stamps: list[float] = []
         trainer.add_event_handler(
-            "iteration_completed", lambda _: (_sync(trainer.state.device), stamps.append(time.perf_counter()))
+            Events.ITERATION_COMPLETED, lambda _: (_sync(trainer.state.device), stamps.append(time.perf_counter()))
         )
         trainer.run()
     per_batch = parser.get_parsed_content("batch_size")
@@ -134,8 +136,8 @@ def benchmark_training(
 
 def _in_fresh_process(fn, *args) -> dict:  # noqa: ANN001
     """Run ``fn(*args)`` in a new process (its own peak memory) and return its result."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def _table(results: dict) -> str:
@@ -163,6 +165,7 @@ def run_benchmark(
     out: str | Path = "benchmark.json",
     device: str | None = None,
     repeats: int = 3,
+    iterations: int = 20,
 ) -> dict:
     """Benchmark inference (and training when ``data`` holds a dataset with doses); print a table, write JSON.
 
@@ -172,6 +175,7 @@ def run_benchmark(
         out: JSON file to write.
         device: ``cpu`` or ``cuda``; default: the CPU, and CUDA when available.
         repeats: timed repetitions of inference (after one warm-up run).
+        iterations: timed training iterations (after 3 warm-up iterations).
     """
     devices = [device] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if data is not None and (Path(data) / "dataset.json").is_file():
@@ -189,7 +193,7 @@ def run_benchmark(
     for dev in devices:
         results["inference"][dev] = _in_fresh_process(benchmark_inference, str(bundle), patient, dev, repeats)
         if data is not None and (Path(data) / "dataset.json").is_file():
-            results["training"][dev] = _in_fresh_process(benchmark_training, str(bundle), str(data), dev)
+            results["training"][dev] = _in_fresh_process(benchmark_training, str(bundle), str(data), dev, iterations)
     print(_table(results))
     Path(out).write_text(json.dumps(results, indent=2) + "\n")
     return results

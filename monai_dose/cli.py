@@ -37,7 +37,7 @@ def _predict_dicom(args: argparse.Namespace) -> None:
 def _benchmark(args: argparse.Namespace) -> None:
     from .benchmark import run_benchmark
 
-    run_benchmark(bundle=args.bundle, data=args.data, out=args.out, device=args.device, repeats=args.repeats)
+    run_benchmark(args.bundle, args.data, args.out, args.device, repeats=args.repeats, iterations=args.iterations)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="NIfTI dataset folder (default: the bundled example)")
     p.add_argument("--out", type=Path, default=Path("benchmark.json"), help="JSON result file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: both where available)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="timed inference repetitions (after a warm-up run)")
+    p.add_argument("--iterations", type=int, default=20, help="timed training iterations (after 3 warm-up ones)")
     p.set_defaults(func=_benchmark)
     return parser
 

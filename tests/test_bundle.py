@@ -261,3 +261,24 @@ def test_inference_config_matches_training_config():
     infer = json.loads((BUNDLE / "configs" / "inference.json").read_text())
     for key in ("spatial_dims", "input_set", "neighbours", "in_channels", "network_def"):
         assert train[key] == infer[key], key
+
+
+TINY_3D = {
+    "train_3d.json": TINY,
+    "cascade_3d.json": [
+        *("--network_def#first#channels", "[4,8]", "--network_def#first#strides", "[2]"),
+        *("--network_def#second#channels", "[4,8]", "--network_def#second#strides", "[2]"),
+    ],
+}
+
+
+@pytest.mark.parametrize("variant", list(TINY_3D))
+def test_3d_variants_train(variant, tmp_path, openkbp_dir):
+    """The 3D DCNN and the 3D cascade train by layering their config on train.json."""
+    bundle_run(
+        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "--num_train", "1", "--num_val", "1", *SMALL_RUN, *TINY_3D[variant], config=["train.json", variant],
+    )  # fmt: skip
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    conv_weights = [v for k, v in state.items() if k.endswith("conv.weight") or k.endswith("conv.unit0.conv.weight")]
+    assert conv_weights and all(w.ndim == 5 for w in conv_weights)  # 3D convolutions

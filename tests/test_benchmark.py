@@ -1,0 +1,36 @@
+"""The benchmark command runs every measurement and reports them (speed itself is never asserted)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+from monai_dose.cli import main
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "openkbp_dose"
+
+
+def test_benchmark_reports_inference_and_training(tmp_path, openkbp_dir, capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    (bundle / "models").mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+
+    out = tmp_path / "benchmark.json"
+    args = ["benchmark", "--bundle", str(bundle), "--data", str(openkbp_dir), "--out", str(out)]
+    assert main([*args, "--device", "cpu", "--repeats", "1", "--iterations", "2"]) == 0
+    results = json.loads(out.read_text())
+    inference = results["inference"]["cpu"]
+    assert set(inference["seconds"]) == {"load", "preprocess", "network", "postprocess", "save"}
+    assert all(s > 0 for s in inference["seconds"].values()) and inference["peak_memory_mb"] > 0
+    training = results["training"]["cpu"]
+    assert training["unit"] == "slices/s" and training["batch"][0] == 32  # 4 volumes x 8 slices
+    assert training["pipeline_rate"] > 0 and training["network_only_rate"] > 0
+    table = capsys.readouterr().out
+    assert "inference total per patient" in table and "pipeline / network-only" in table
