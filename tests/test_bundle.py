@@ -64,6 +64,24 @@ def test_training_writes_best_model_and_logs(trained):
     assert any((trained / "logs").iterdir())  # TensorBoard events
 
 
+def test_fine_tune_starts_from_pretrained_weights(trained, tmp_path, openkbp_dir):
+    """``--pretrained_ckpt`` loads the network weights (not the optimizer or epoch) before training."""
+    pretrained = trained / "models" / "model.pt"
+    bundle_run(
+        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "--pretrained_ckpt", str(pretrained), "--learning_rate", "0.0", "--weight_decay", "0.0",
+        *SMALL_DATA, *SMALL_RUN, *TINY,
+    )  # fmt: skip
+    before, after = (
+        torch.load(pretrained, weights_only=True),
+        torch.load(tmp_path / "models" / "model.pt", weights_only=True),
+    )
+    assert epochs_done(tmp_path / "models" / "checkpoint_last.pt") == 1
+    for key, value in before.items():
+        if value.is_floating_point() and "running" not in key:  # batch-norm statistics still move
+            torch.testing.assert_close(after[key], value, msg=key)
+
+
 def test_resume_after_kill(tmp_path, openkbp_dir):
     """Kill a run in its second epoch; the next run continues from the last epoch checkpoint."""
     args = ["--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), *SMALL_DATA, *TINY]
