@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from tqdm import tqdm
 from .data.openkbp import DOSE_KEY, load_openkbp_datalist
 from .metrics.openkbp import DVH_METRICS, dose_error, dvh_abs_differences, dvh_metrics, dvh_score
 from .plots import DVHCurves, dvh_curves, plot_dvh
+from .utils import write_atomic
 
 NIFTI_SUFFIX = ".nii.gz"
 
@@ -60,17 +60,6 @@ def evaluate_patient(
     )
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write`` on a temporary file next to ``path``, then move it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _csv_rows(results: Sequence[PatientEvaluation]) -> list[dict[str, object]]:
     """Per patient: dose error, mean DVH error, then reference, prediction and difference of each metric."""
     rows = []
@@ -106,7 +95,7 @@ def write_evaluation(results: Sequence[PatientEvaluation], out_dir: str | Path) 
         "reference_dvh_metrics": {r.id: r.reference_dvh_metrics for r in results},
         "prediction_dvh_metrics": {r.id: r.prediction_dvh_metrics for r in results},
     }
-    _write_atomic(out_dir / "scores.json", lambda p: p.write_text(json.dumps(scores, indent=1) + "\n"))
+    write_atomic(out_dir / "scores.json", lambda p: p.write_text(json.dumps(scores, indent=1) + "\n"))
 
     rows = _csv_rows(results)
 
@@ -116,10 +105,10 @@ def write_evaluation(results: Sequence[PatientEvaluation], out_dir: str | Path) 
             writer.writeheader()
             writer.writerows(rows)
 
-    _write_atomic(out_dir / "scores_per_patient.csv", write_csv)
+    write_atomic(out_dir / "scores_per_patient.csv", write_csv)
     for r in results:
         dvhs = {"reference": r.reference_dvh, "prediction": r.prediction_dvh}
-        _write_atomic(out_dir / "dvh" / f"{r.id}.png", lambda p, d=dvhs, t=r.id: plot_dvh(d, p, title=t))
+        write_atomic(out_dir / "dvh" / f"{r.id}.png", lambda p, d=dvhs, t=r.id: plot_dvh(d, p, title=t))
     return scores
 
 

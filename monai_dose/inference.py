@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from .data.openkbp import IMAGE_KEYS, STRUCTURES
 from .transforms import DoseInput, MaskDose, SliceNeighbours
+from .utils import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -185,21 +185,11 @@ def _check_grids(patient: dict) -> None:
 
 def save_dose(dose: np.ndarray, reference_file: str | os.PathLike, out_file: str | os.PathLike) -> Path:
     """Write ``dose`` as float32 NIfTI with the header and affine of ``reference_file``, atomically."""
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     reference = nib.load(str(reference_file))
     image = nib.Nifti1Image(dose.astype(np.float32), reference.affine, reference.header)
     image.set_data_dtype(np.float32)
     image.header.set_slope_inter(1, 0)
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=out_file.parent, prefix=".tmp_")
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, out_file)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out_file
+    return write_atomic(out_file, lambda path: nib.save(image, path))
 
 
 def predict_patients(

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..utils import write_atomic
 from .openkbp import DOSE_KEY, GRID_SHAPE, OARS, SPLITS, STRUCTURES, TARGETS
 
 logger = logging.getLogger(__name__)
@@ -116,15 +117,6 @@ def _natural_key(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
-def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def convert_openkbp(src: str | Path, dst: str | Path) -> dict:
     """Convert an OpenKBP ``provided-data`` folder to NIfTI patient folders and a ``dataset.json``.
 
@@ -174,7 +166,8 @@ def convert_openkbp(src: str | Path, dst: str | Path) -> dict:
 
     folders = ", ".join(p.name for p in sources.values())
     metadata = dict(_METADATA, source_format=_METADATA["source_format"].format(folders))
-    _write_json_atomic(dict(metadata, excluded_incomplete=excluded, **converted), dst / "dataset.json")
+    dataset = dict(metadata, excluded_incomplete=excluded, **converted)
+    write_atomic(dst / "dataset.json", lambda p: p.write_text(json.dumps(dataset, indent=1)))
     summary = {s: [e["id"] for e in entries] for s, entries in converted.items()}
     counts = ", ".join(f"{s} {len(ids)} (excluded {len(excluded[s])})" for s, ids in summary.items())
     logger.info(f"converted {counts} -> {dst / 'dataset.json'}")
