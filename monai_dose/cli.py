@@ -42,7 +42,10 @@ def _benchmark(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``monai_dose`` argument parser with one sub-command per workflow."""
-    parser = argparse.ArgumentParser(prog="python -m monai_dose", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m monai_dose",
+        description="Radiotherapy dose prediction tools: OpenKBP conversion, evaluation, DICOM prediction, benchmark.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert-openkbp", help="OpenKBP CSV `provided-data` folder -> NIfTI dataset")
