@@ -78,13 +78,23 @@ def benchmark_inference(bundle: str | Path, patient: dict, device: str, repeats:
 
 
 def benchmark_training(
-    bundle: str | Path, dataset_dir: str | Path, device: str, iterations: int = 20, warmup: int = 3
+    bundle: str | Path,
+    dataset_dir: str | Path,
+    device: str,
+    iterations: int = 20,
+    warmup: int = 3,
+    train_configs: tuple[str, ...] = (),
 ) -> dict:
     """Training rate of the bundle's full pipeline (cached data, augmentation, ``SupervisedTrainer``) and of
-    the same network stepping on one batch held on the device, at the bundle's default batch size."""
-    torch.set_num_threads(CPU_THREADS)
+    the same network stepping on one batch held on the device, at the configured batch size.
+
+    ``train_configs`` are config files layered on the bundle's ``train.json`` (e.g. ``configs/train_gpu.json``).
+    """
+    if device == "cpu":
+        torch.set_num_threads(CPU_THREADS)
     parser = ConfigParser()
-    parser.read_config(Path(bundle) / "configs" / "train.json")
+    parser.read_config([str(Path(bundle) / "configs" / "train.json"), *map(str, train_configs)])
+    volumes = parser.get_parsed_content("batch_size") * (warmup + iterations)
     with tempfile.TemporaryDirectory() as tmp:
         parser.update(
             {
@@ -93,8 +103,14 @@ def benchmark_training(
                 "device": f"$torch.device('{device}')",
                 "num_train": 8,
                 "train#handlers": [],
+                # one epoch of warmup + iterations batches, so that no epoch restart stalls the loader workers
+                "train#dataloader#shuffle": False,
+                "train#dataloader#sampler": {
+                    "_target_": "torch.utils.data.RandomSampler",
+                    "data_source": "@train#dataset",
+                    "num_samples": volumes,
+                },
                 "train#trainer#max_epochs": 1,
-                "train#trainer#epoch_length": warmup + iterations,
             }
         )
         trainer = parser.get_parsed_content("train#trainer")
@@ -109,7 +125,7 @@ def benchmark_training(
     pipeline_rate = per_batch * iterations / (stamps[-1] - stamps[warmup - 1])
 
     batch = next(iter(parser.get_parsed_content("train#dataloader")))
-    image, label = batch["image"].to(trainer.state.device), batch["label"].to(trainer.state.device)
+    image, label = trainer.prepare_batch(batch, trainer.state.device, trainer.non_blocking)
     network, optimizer, loss_fn = trainer.network, trainer.optimizer, trainer.loss_function
     for step in range(warmup + iterations):
         if step == warmup:
@@ -124,6 +140,7 @@ def benchmark_training(
     return {
         "device": str(trainer.state.device),
         "threads": torch.get_num_threads(),
+        "train_configs": list(train_configs),
         "batch": list(image.shape),
         "unit": unit,
         "pipeline_rate": pipeline_rate,
@@ -166,6 +183,7 @@ def run_benchmark(
     device: str | None = None,
     repeats: int = 3,
     iterations: int = 20,
+    train_configs: tuple[str, ...] = (),
 ) -> dict:
     """Benchmark inference (and training when ``data`` holds a dataset with doses); print a table, write JSON.
 
@@ -176,6 +194,7 @@ def run_benchmark(
         device: ``cpu`` or ``cuda``; default: the CPU, and CUDA when available.
         repeats: timed repetitions of inference (after one warm-up run).
         iterations: timed training iterations (after 3 warm-up iterations).
+        train_configs: config files layered on the bundle's ``train.json`` for the training measurement.
     """
     devices = [device] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if data is not None and (Path(data) / "dataset.json").is_file():
@@ -193,7 +212,9 @@ def run_benchmark(
     for dev in devices:
         results["inference"][dev] = _in_fresh_process(benchmark_inference, str(bundle), patient, dev, repeats)
         if data is not None and (Path(data) / "dataset.json").is_file():
-            results["training"][dev] = _in_fresh_process(benchmark_training, str(bundle), str(data), dev, iterations)
+            results["training"][dev] = _in_fresh_process(
+                benchmark_training, str(bundle), str(data), dev, iterations, 3, tuple(map(str, train_configs))
+            )
     print(_table(results))
     Path(out).write_text(json.dumps(results, indent=2) + "\n")
     return results

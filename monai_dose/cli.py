@@ -37,7 +37,15 @@ def _predict_dicom(args: argparse.Namespace) -> None:
 def _benchmark(args: argparse.Namespace) -> None:
     from .benchmark import run_benchmark
 
-    run_benchmark(args.bundle, args.data, args.out, args.device, repeats=args.repeats, iterations=args.iterations)
+    run_benchmark(
+        args.bundle,
+        args.data,
+        args.out,
+        args.device,
+        repeats=args.repeats,
+        iterations=args.iterations,
+        train_configs=tuple(args.train_config),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: both where available)")
     p.add_argument("--repeats", type=int, default=3, help="timed inference repetitions (after a warm-up run)")
     p.add_argument("--iterations", type=int, default=20, help="timed training iterations (after 3 warm-up ones)")
+    p.add_argument(
+        "--train-config",
+        type=Path,
+        action="append",
+        default=[],
+        help="config file layered on the bundle's train.json for the training measurement (repeatable)",
+    )
     p.set_defaults(func=_benchmark)
     return parser
 

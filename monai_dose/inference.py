@@ -118,10 +118,12 @@ class DosePredictor:
         return pred.float()
 
     def prepare(self, ct, structures, possible_dose_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check the inputs (see :meth:`__call__`) and assemble the network input; returns ``(image, mask)``."""
-        ct_t = torch.as_tensor(np.asarray(ct, dtype=np.float32))
-        struct_t = torch.as_tensor(np.asarray(structures, dtype=np.float32))
-        mask_t = torch.as_tensor(np.asarray(possible_dose_mask, dtype=np.float32))[None]
+        """Check the inputs (see :meth:`__call__`) and assemble the network input on the predictor's device;
+        returns ``(image, mask)``."""
+        ct_t, struct_t, mask_t = (
+            torch.as_tensor(np.asarray(a)).to(self.device).float() for a in (ct, structures, possible_dose_mask)
+        )
+        mask_t = mask_t[None]
         if struct_t.ndim != 4 or struct_t.shape[-1] != len(STRUCTURES):
             raise ValueError(
                 f"structures must be (H, W, D, {len(STRUCTURES)}) in the order {', '.join(STRUCTURES)}; "
@@ -141,11 +143,11 @@ class DosePredictor:
     def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Raw network output ``(1, H, W, D)`` for a prepared ``image``; 2D networks skip slices without mask."""
         if self.spatial_dims == 3:
-            return self._network(image[None].to(self.device))[0].cpu()
-        pred = torch.zeros(mask.shape)
+            return self._network(image[None].to(self.device))[0]
+        pred = torch.zeros(mask.shape, device=self.device)
         slices = torch.nonzero(mask.flatten(0, 2).any(0)).flatten()
         first, last = int(slices[0]), int(slices[-1]) + 1
-        pred[..., first:last] = self._network(image[None, ..., first:last].to(self.device))[0].cpu()
+        pred[..., first:last] = self._network(image[None, ..., first:last].to(self.device))[0]
         return pred
 
     @staticmethod

@@ -23,14 +23,17 @@ def test_benchmark_reports_inference_and_training(tmp_path, openkbp_dir, capsys)
     torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
 
     out = tmp_path / "benchmark.json"
+    override = tmp_path / "small_batch.json"  # layered on train.json, as configs/train_gpu.json is on a GPU
+    override.write_text(json.dumps({"num_slices": 4, "num_workers": 1}))
     args = ["benchmark", "--bundle", str(bundle), "--data", str(openkbp_dir), "--out", str(out)]
-    assert main([*args, "--device", "cpu", "--repeats", "1", "--iterations", "2"]) == 0
+    assert main([*args, "--device", "cpu", "--repeats", "1", "--iterations", "2", "--train-config", str(override)]) == 0
     results = json.loads(out.read_text())
     inference = results["inference"]["cpu"]
     assert set(inference["seconds"]) == {"load", "preprocess", "network", "postprocess", "save"}
     assert all(s > 0 for s in inference["seconds"].values()) and inference["peak_memory_mb"] > 0
     training = results["training"]["cpu"]
-    assert training["unit"] == "slices/s" and training["batch"][0] == 32  # 4 volumes x 8 slices
+    assert training["unit"] == "slices/s" and training["batch"] == [16, 36, 128, 128]  # 4 volumes x 4 slices
+    assert training["train_configs"] == [str(override)]
     assert training["pipeline_rate"] > 0 and training["network_only_rate"] > 0
     table = capsys.readouterr().out
     assert "inference total per patient" in table and "pipeline / network-only" in table

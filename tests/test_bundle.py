@@ -300,3 +300,15 @@ def test_3d_variants_train(variant, tmp_path, openkbp_dir):
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     conv_weights = [v for k, v in state.items() if k.endswith("conv.weight") or k.endswith("conv.unit0.conv.weight")]
     assert conv_weights and all(w.ndim == 5 for w in conv_weights)  # 3D convolutions
+
+
+def test_gpu_settings_train_epochs_of_several_passes(tmp_path, openkbp_dir):
+    """train_gpu.json layered on train.json: an epoch draws every cached volume ``passes_per_epoch`` times."""
+    bundle_run(
+        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        *SMALL_DATA, *SMALL_RUN, *TINY, "--passes_per_epoch", "3", "--validate#dataloader#num_workers", "0",
+        config=["train.json", "train_gpu.json"],
+    )  # fmt: skip
+    trainer = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)["trainer"]
+    assert trainer["epoch_length"] == 2 * 3  # 2 patients x 3 passes, 1 volume per step
+    assert (tmp_path / "models" / "model.pt").is_file()

@@ -1,20 +1,26 @@
-"""Transforms: model input assembly, slice sampling, joint augmentation, masked-dose post-processing."""
+"""Transforms: model input assembly (also on the training device: PrepareDoseBatch), mask packing, slice sampling,
+joint augmentation, masked-dose post-processing."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from monai.data import list_data_collate
 from monai.transforms import Compose, LoadImaged, RandAffined, RandFlipd
 
 from monai_dose.data import STRUCTURES, dlmi_loader, load_dlmi_datalist, load_openkbp_datalist
+from monai_dose.engines import PrepareDoseBatch
 from monai_dose.transforms import (
     DoseInput,
     DoseInputd,
     MaskDose,
     MaskDosed,
+    PackMasks,
+    PackMasksd,
     RandSliceSampled,
     SliceNeighbours,
+    UnpackMasks,
     input_channels,
     mask_channel,
 )
@@ -137,6 +143,71 @@ def test_joint_augmentation_keeps_masks_binary_and_aligned():
         inside = s["possible_dose_mask"] > 0
         # the CT copy of the dose moved exactly like the dose
         assert torch.allclose(s["ct"][inside], s["dose"][inside], atol=1e-4)
+
+
+def test_packed_masks_round_trip_through_slices_with_neighbours():
+    p = synthetic_patient()
+    packed = PackMasks()(p["structures"])
+    assert packed.shape == (1, 16, 16, 12) and packed.dtype == torch.int16
+    assert torch.equal(UnpackMasks(10)(packed), p["structures"].float())
+    # 2.5D: unpacking the packed neighbour slices gives the per-mask neighbour slices in DoseInput's order
+    expanded = SliceNeighbours(1)(p["structures"])
+    assert torch.equal(UnpackMasks(10)(SliceNeighbours(1)(packed)), expanded.float())
+    assert PackMasks()(torch.ones(20, 2, 2)).dtype == torch.int32
+    with pytest.raises(ValueError, match="at most 31"):
+        PackMasks()(torch.ones(32, 2, 2))
+
+
+def test_packed_augmentation_equals_per_mask_augmentation():
+    """Resampling the packed channel (nearest) gives exactly the masks that resampling each mask gives."""
+    p = synthetic_patient(shape=(32, 32, 12))
+
+    def augment(structures_transforms):
+        chain = Compose(
+            [
+                *structures_transforms,
+                RandSliceSampled(KEYS, num_samples=4, neighbours=1),
+                RandAffined(
+                    KEYS,
+                    mode=["bilinear", "nearest", "nearest", "bilinear"],
+                    prob=1.0,
+                    rotate_range=[0.3],
+                    scale_range=[0.15, 0.15],
+                    translate_range=[4, 4],
+                ),
+                RandFlipd(KEYS, spatial_axis=1, prob=1.0),
+            ]
+        )
+        chain.set_random_state(5)
+        return chain(dict(p))
+
+    for plain, packed in zip(augment([]), augment([PackMasksd("structures")]), strict=True):
+        assert packed["structures"].shape[0] == 3 and plain["structures"].shape[0] == 30
+        assert plain["structures"].sum() > 0
+        assert torch.equal(UnpackMasks(10)(packed["structures"]), plain["structures"].float())
+
+
+@pytest.mark.parametrize("input_set, channels", [("reference", 36), ("merged_targets", 30)])
+def test_prepare_dose_batch_equals_per_sample_input_assembly(input_set, channels):
+    patients = [synthetic_patient(seed=i) for i in range(2)]
+
+    def sample(pack: bool) -> list[dict]:
+        sampler = RandSliceSampled(KEYS, num_samples=3, neighbours=1, neighbour_keys=KEYS[:3])
+        chain = Compose([PackMasksd("structures"), sampler] if pack else [sampler])
+        chain.set_random_state(7)
+        return [s for p in patients for s in chain(dict(p))]
+
+    packed, plain = sample(pack=True), sample(pack=False)
+    image, label = PrepareDoseBatch(input_set)(list_data_collate(packed), torch.device("cpu"))
+    assert image.shape == (6, channels, 16, 16) and image.dtype == torch.float32
+    for i, s in enumerate(plain):
+        assert torch.equal(image[i], DoseInput(input_set)(s["ct"], s["structures"], s["possible_dose_mask"]))
+        assert torch.equal(label[i], s["dose"])
+
+
+def test_prepare_dose_batch_needs_four_keys():
+    with pytest.raises(ValueError, match="expected the CT"):
+        PrepareDoseBatch(keys=("ct", "structures"))
 
 
 def test_dlmi_sample_matches_openkbp_slice(openkbp_dir, dlmi_dir):

@@ -1,4 +1,5 @@
-"""Array transforms for dose prediction: model input assembly, slice sampling and masked-dose post-processing.
+"""Array transforms for dose prediction: model input assembly, mask packing, slice sampling and masked-dose
+post-processing.
 
 Arrays are channel-first (``C, H, W[, D]``) as in MONAI; OpenKBP volumes are ``128^3`` with axis ``D`` (the last)
 the cranio-caudal slice axis.
@@ -70,10 +71,47 @@ class DoseInput(Transform):
         struct_t = struct_t.reshape(len(STRUCTURES), stack, *struct_t.shape[1:])
         if self.input_set == "merged_targets":
             n_oars = len(OARS)
-            doses = torch.tensor(list(TARGET_DOSES_GY.values())) / max(TARGET_DOSES_GY.values())
+            doses = torch.tensor(list(TARGET_DOSES_GY.values()), device=struct_t.device) / max(TARGET_DOSES_GY.values())
             targets = (struct_t[n_oars:] * doses.reshape(-1, *([1] * (struct_t.ndim - 1)))).amax(0, keepdim=True)
             struct_t = torch.cat([struct_t[:n_oars], targets])
         return torch.cat([ct_t, struct_t.flatten(0, 1), mask_t])
+
+
+class PackMasks(Transform):
+    """Pack binary mask channels into one integer channel: bit ``c`` holds channel ``c`` (non-zero voxels).
+
+    ``(C, *spatial) -> (1, *spatial)``, int16 for up to 15 masks, int32 up to 31. The training pipeline slices,
+    resamples (nearest neighbour keeps the bits exact) and moves one packed channel instead of ``C`` masks;
+    :class:`UnpackMasks` restores them.
+    """
+
+    def __call__(self, masks: NdarrayOrTensor) -> torch.Tensor:
+        m = convert_to_tensor(masks, track_meta=False)
+        if m.shape[0] > 31:
+            raise ValueError(f"at most 31 masks can be packed into one channel, got {m.shape[0]}")
+        packed = torch.zeros(1, *m.shape[1:], dtype=torch.int32, device=m.device)
+        for bit, channel in enumerate(m):
+            packed |= (channel > 0).to(torch.int32) << bit
+        return packed.to(torch.int16 if m.shape[0] <= 15 else torch.int32)
+
+
+class UnpackMasks(Transform):
+    """Inverse of :class:`PackMasks`: ``(S, *spatial)`` packed channels -> ``(num_masks * S, *spatial)`` float
+    {0, 1}, mask-major (channel ``c * S + s`` is mask ``c`` of packed channel ``s``), the channel order that
+    :class:`DoseInput` expects of a 2.5D stack of ``S`` slices.
+
+    Args:
+        num_masks: masks packed in each channel.
+    """
+
+    def __init__(self, num_masks: int = len(STRUCTURES)) -> None:
+        self.num_masks = num_masks
+
+    def __call__(self, packed: NdarrayOrTensor) -> torch.Tensor:
+        p = convert_to_tensor(packed, track_meta=False)
+        bits = (p.round() if p.is_floating_point() else p).to(torch.int32)
+        shifts = torch.arange(self.num_masks, device=bits.device).reshape(-1, *([1] * bits.ndim))
+        return ((bits[None] >> shifts) & 1).to(torch.float32).flatten(0, 1)
 
 
 def _with_neighbours(volume: torch.Tensor, indices: torch.Tensor, neighbours: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-from .array import DoseInput, MaskDose, RandSliceSample, SliceNeighbours
+from ..data.openkbp import STRUCTURES
+from .array import DoseInput, MaskDose, PackMasks, RandSliceSample, SliceNeighbours, UnpackMasks
 
 
 class DoseInputd(MapTransform):
@@ -35,6 +36,36 @@ class DoseInputd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         d[self.name] = self.transform(*(d[k] for k in self.keys))
+        return d
+
+
+class PackMasksd(MapTransform):
+    """Dictionary wrapper of :class:`PackMasks`."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = PackMasks()
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
+class UnpackMasksd(MapTransform):
+    """Dictionary wrapper of :class:`UnpackMasks`."""
+
+    def __init__(
+        self, keys: KeysCollection, num_masks: int = len(STRUCTURES), allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = UnpackMasks(num_masks)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
         return d
 
 
@@ -119,3 +150,5 @@ DoseInputD = DoseInputDict = DoseInputd
 SliceNeighboursD = SliceNeighboursDict = SliceNeighboursd
 RandSliceSampleD = RandSliceSampleDict = RandSliceSampled
 MaskDoseD = MaskDoseDict = MaskDosed
+PackMasksD = PackMasksDict = PackMasksd
+UnpackMasksD = UnpackMasksDict = UnpackMasksd
