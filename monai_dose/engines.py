@@ -2,38 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.engines import PrepareBatch
 
 from .data.openkbp import STRUCTURES
-from .transforms.array import DoseInput, UnpackMasks
+from .transforms.array import DoseInput, MaskDose, UnpackMasks
 
 
 class PrepareDoseBatch(PrepareBatch):
-    """``prepare_batch`` that assembles the network input on the training device.
+    """``prepare_batch`` that augments the batch and assembles the network input on the training device.
 
     The data loader delivers the compact batch (CT, structures packed by :class:`~monai_dose.transforms.PackMasks`,
-    possible-dose mask and dose: 10 channels per 2.5D slice where the assembled input has 36), so the loader
-    workers resample and move fewer channels; unpacking and :class:`~monai_dose.transforms.DoseInput` run here,
-    on the GPU when training runs there.
+    possible-dose mask and dose: 10 channels per 2.5D slice where the assembled input has 36). Here, on the GPU
+    when training runs there, ``transform`` (e.g. :class:`~monai_dose.transforms.BatchRandAffined`) moves the
+    whole batch, the dose is zeroed outside the moved possible-dose mask, the masks are unpacked and
+    :class:`~monai_dose.transforms.DoseInput` builds the input.
 
     Args:
         input_set: see :data:`monai_dose.transforms.INPUT_SETS`.
         keys: the CT, packed structures, possible-dose mask and dose keys of the batch, in this order.
+        transform: a dictionary transform of the batch tensors (random augmentation), or ``None``.
     """
 
     def __init__(
         self,
         input_set: str = "reference",
         keys: Sequence[str] = ("ct", "structures", "possible_dose_mask", "dose"),
+        transform: Callable[[dict], dict] | None = None,
     ) -> None:
         if len(keys) != 4:
             raise ValueError(f"expected the CT, structures, possible-dose-mask and dose keys, got {keys}")
         self.keys = tuple(keys)
+        self.transform = transform
         self.unpack = UnpackMasks(len(STRUCTURES))
         self.dose_input = DoseInput(input_set)
+        self.mask_dose = MaskDose()
 
     def __call__(
         self,
@@ -42,8 +47,12 @@ class PrepareDoseBatch(PrepareBatch):
         non_blocking: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ct, structures, mask, dose = (batchdata[k].to(device=device, non_blocking=non_blocking) for k in self.keys)
+        batch = {k: batchdata[k].to(device=device, non_blocking=non_blocking) for k in self.keys}
+        if self.transform is not None:
+            batch = self.transform(batch)
+        ct, structures, mask, dose = (batch[k] for k in self.keys)
         image = torch.stack(
             [self.dose_input(c, self.unpack(s), m) for c, s, m in zip(ct, structures, mask, strict=True)]
         )
-        return image, dose
+        label = torch.stack([self.mask_dose(d, m) for d, m in zip(dose, mask, strict=True)])
+        return image, label

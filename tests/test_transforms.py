@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 from monai.data import list_data_collate
-from monai.transforms import Compose, LoadImaged, RandAffined, RandFlipd
+from monai.transforms import Compose, LoadImaged
 
 from monai_dose.data import STRUCTURES, dlmi_loader, load_dlmi_datalist, load_openkbp_datalist
 from monai_dose.engines import PrepareDoseBatch
 from monai_dose.transforms import (
+    BatchRandAffine,
+    BatchRandAffined,
     DoseInput,
     DoseInputd,
     MaskDose,
@@ -116,35 +118,6 @@ def test_mask_dose_clips_and_masks():
     assert out["pred"].min() == 0
 
 
-def test_joint_augmentation_keeps_masks_binary_and_aligned():
-    """The bundle's augmentation: nearest for masks, bilinear for CT and dose, then dose masked again."""
-    p = synthetic_patient(shape=(32, 32, 12))
-    p["ct"] = p["dose"].clone()  # identical content makes the alignment check exact
-    augment = Compose(
-        [
-            RandSliceSampled(KEYS, num_samples=4),
-            RandAffined(
-                KEYS,
-                mode=["bilinear", "nearest", "nearest", "bilinear"],
-                prob=1.0,
-                rotate_range=[0.3],
-                scale_range=[0.15, 0.15],
-                translate_range=[4, 4],
-            ),
-            RandFlipd(KEYS, spatial_axis=1, prob=1.0),
-            MaskDosed("dose"),
-        ]
-    )
-    augment.set_random_state(3)
-    for s in augment(p):
-        for key in ("structures", "possible_dose_mask"):
-            assert set(torch.unique(s[key]).tolist()) <= {0.0, 1.0}, f"{key} is no longer binary"
-        assert (s["dose"][s["possible_dose_mask"] == 0] == 0).all()  # no dose outside the mask
-        inside = s["possible_dose_mask"] > 0
-        # the CT copy of the dose moved exactly like the dose
-        assert torch.allclose(s["ct"][inside], s["dose"][inside], atol=1e-4)
-
-
 def test_packed_masks_round_trip_through_slices_with_neighbours():
     p = synthetic_patient()
     packed = PackMasks()(p["structures"])
@@ -158,33 +131,48 @@ def test_packed_masks_round_trip_through_slices_with_neighbours():
         PackMasks()(torch.ones(32, 2, 2))
 
 
-def test_packed_augmentation_equals_per_mask_augmentation():
-    """Resampling the packed channel (nearest) gives exactly the masks that resampling each mask gives."""
-    p = synthetic_patient(shape=(32, 32, 12))
+MODES = ["bilinear", "nearest", "nearest", "bilinear"]
 
-    def augment(structures_transforms):
-        chain = Compose(
-            [
-                *structures_transforms,
-                RandSliceSampled(KEYS, num_samples=4, neighbours=1),
-                RandAffined(
-                    KEYS,
-                    mode=["bilinear", "nearest", "nearest", "bilinear"],
-                    prob=1.0,
-                    rotate_range=[0.3],
-                    scale_range=[0.15, 0.15],
-                    translate_range=[4, 4],
-                ),
-                RandFlipd(KEYS, spatial_axis=1, prob=1.0),
-            ]
-        )
-        chain.set_random_state(5)
-        return chain(dict(p))
 
-    for plain, packed in zip(augment([]), augment([PackMasksd("structures")]), strict=True):
-        assert packed["structures"].shape[0] == 3 and plain["structures"].shape[0] == 30
-        assert plain["structures"].sum() > 0
-        assert torch.equal(UnpackMasks(10)(packed["structures"]), plain["structures"].float())
+def sampled_batch(pack: bool, shape=(32, 32, 12), seed=7) -> dict[str, torch.Tensor]:
+    """A collated batch of 2.5D slices drawn from two synthetic patients (structures packed or not)."""
+    sampler = RandSliceSampled(KEYS, num_samples=3, neighbours=1, neighbour_keys=KEYS[:3])
+    chain = Compose([PackMasksd("structures"), sampler] if pack else [sampler])
+    chain.set_random_state(seed)
+    samples = [s for i in range(2) for s in chain(synthetic_patient(shape, seed=i))]
+    return {k: v.float() for k, v in list_data_collate(samples).items()}
+
+
+def test_batch_affine_flip_and_identity_are_exact():
+    x = torch.rand(4, 2, 16, 16)
+    assert torch.allclose(BatchRandAffine(prob=0.0, flip_prob=0.0)(x), x, atol=1e-5)
+    assert torch.equal(BatchRandAffine(prob=0.0, flip_prob=1.0)(x, "nearest"), x.flip(3))  # left-right: W
+    volume = torch.rand(2, 1, 8, 8, 6)
+    assert torch.allclose(BatchRandAffine(prob=0.0, flip_prob=1.0)(volume), volume.flip(3), atol=1e-5)
+
+
+def test_batch_affine_draws_per_sample():
+    same = torch.rand(1, 1, 32, 32).repeat(6, 1, 1, 1)
+    moved = BatchRandAffine(prob=1.0, flip_prob=0.0).set_random_state(0)(same)
+    assert not torch.allclose(moved[0], moved[1])  # every sample has its own draw
+    affine = BatchRandAffine()
+    affine.randomize(batch_size=6)
+    with pytest.raises(ValueError, match="drawn for a batch of 6, got a batch of 2"):
+        affine(torch.rand(2, 1, 8, 8), randomize=False)
+
+
+def test_batch_augmentation_keeps_masks_exact_and_aligned():
+    """One draw per sample for every key: nearest keeps masks binary and packed bits exact, CT and dose align."""
+    plain, packed = sampled_batch(pack=False), sampled_batch(pack=True)
+    plain["ct"] = plain["dose"].repeat(1, 3, 1, 1)  # identical content makes the alignment check exact
+    moved_plain = BatchRandAffined(KEYS, mode=MODES, prob=1.0, flip_prob=0.5).set_random_state(3)(plain)
+    moved_packed = BatchRandAffined(KEYS, mode=MODES, prob=1.0, flip_prob=0.5).set_random_state(3)(packed)
+    assert set(torch.unique(moved_plain["structures"]).tolist()) == {0.0, 1.0}
+    assert set(torch.unique(moved_plain["possible_dose_mask"]).tolist()) == {0.0, 1.0}
+    for i in range(6):
+        assert torch.equal(UnpackMasks(10)(moved_packed["structures"][i]), moved_plain["structures"][i])
+        assert torch.allclose(moved_plain["ct"][i, 1], moved_plain["dose"][i, 0], atol=1e-5)
+    assert not torch.equal(moved_plain["structures"], plain["structures"])
 
 
 @pytest.mark.parametrize("input_set, channels", [("reference", 36), ("merged_targets", 30)])
@@ -203,6 +191,18 @@ def test_prepare_dose_batch_equals_per_sample_input_assembly(input_set, channels
     for i, s in enumerate(plain):
         assert torch.equal(image[i], DoseInput(input_set)(s["ct"], s["structures"], s["possible_dose_mask"]))
         assert torch.equal(label[i], s["dose"])
+
+
+def test_prepare_dose_batch_augments_before_assembly():
+    batch = sampled_batch(pack=True)
+    augment = BatchRandAffined(KEYS, mode=MODES, prob=1.0)
+    image, label = PrepareDoseBatch(transform=augment.set_random_state(4))(batch, torch.device("cpu"))
+    moved = BatchRandAffined(KEYS, mode=MODES, prob=1.0).set_random_state(4)(batch)
+    for i in range(6):
+        expected = DoseInput()(moved["ct"][i], UnpackMasks(10)(moved["structures"][i]), moved["possible_dose_mask"][i])
+        assert torch.equal(image[i], expected)
+    central_mask = image[:, mask_channel("reference", 1)]
+    assert label.sum() > 0 and (label[:, 0][central_mask == 0] == 0).all()  # no dose outside the moved mask
 
 
 def test_prepare_dose_batch_needs_four_keys():

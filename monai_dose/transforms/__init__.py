@@ -3,6 +3,7 @@
 from .array import (
     CT_RANGE,
     INPUT_SETS,
+    BatchRandAffine,
     DoseInput,
     MaskDose,
     PackMasks,
@@ -13,6 +14,9 @@ from .array import (
     mask_channel,
 )
 from .dictionary import (
+    BatchRandAffineD,
+    BatchRandAffined,
+    BatchRandAffineDict,
     DoseInputD,
     DoseInputd,
     DoseInputDict,
@@ -36,6 +40,10 @@ from .dictionary import (
 __all__ = [
     "CT_RANGE",
     "INPUT_SETS",
+    "BatchRandAffine",
+    "BatchRandAffineD",
+    "BatchRandAffineDict",
+    "BatchRandAffined",
     "DoseInput",
     "DoseInputD",
     "DoseInputDict",

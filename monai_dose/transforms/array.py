@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.config import NdarrayOrTensor
+from monai.networks.layers import AffineTransform
 from monai.transforms import Randomizable, Transform
 from monai.utils import convert_to_tensor
 
@@ -166,6 +167,63 @@ class RandSliceSample(Randomizable, Transform):
         vol = convert_to_tensor(volume, track_meta=False)
         stack = _with_neighbours(vol, self._indices, self.neighbours)
         return list(stack.unbind(-1))
+
+
+class BatchRandAffine(Randomizable, Transform):
+    """Random in-plane affine (rotation, scale, shift) and flip of a batch ``(B, C, H, W[, D])``, drawn per sample
+    and applied on the batch's device by MONAI's ``AffineTransform`` (one call for the whole batch).
+
+    The draws follow ``RandAffine(prob, rotate_range, scale_range, translate_range)`` then
+    ``RandFlip(flip_prob, spatial_axis=flip_axis)``, in the plane of the first two spatial axes (about the slice
+    axis ``D`` of a volume). Call :meth:`randomize` once and then with ``randomize=False`` to move several
+    arrays of one batch alike.
+
+    Args:
+        prob: probability of the affine, per sample.
+        rotate_range: rotation angle drawn from ``(-rotate_range, rotate_range)`` radians.
+        scale_range: scale factor ``1 + (-scale_range, scale_range)``, per in-plane axis.
+        translate_range: shift in voxels drawn from ``(-translate_range, translate_range)``, per in-plane axis.
+        flip_prob: probability of the flip, per sample.
+        flip_axis: spatial axis flipped (1: ``W``, left-right in OpenKBP volumes).
+    """
+
+    def __init__(
+        self,
+        prob: float = 0.5,
+        rotate_range: float = 0.2,
+        scale_range: float = 0.1,
+        translate_range: float = 8.0,
+        flip_prob: float = 0.5,
+        flip_axis: int = 1,
+    ) -> None:
+        self.prob, self.flip_prob, self.flip_axis = prob, flip_prob, flip_axis
+        self.rotate_range, self.scale_range, self.translate_range = rotate_range, scale_range, translate_range
+        self._theta = torch.eye(3)[None]
+
+    def randomize(self, batch_size: int, spatial_dims: int = 2) -> None:
+        """Draw one affine matrix (voxel units, centred on the image) per sample."""
+        n = batch_size
+        apply = (self.R.random(n) < self.prob).astype(float)
+        angle = self.R.uniform(-self.rotate_range, self.rotate_range, n) * apply
+        scale = 1 + self.R.uniform(-self.scale_range, self.scale_range, (n, 2)) * apply[:, None]
+        shift = self.R.uniform(-self.translate_range, self.translate_range, (n, 2)) * apply[:, None]
+        flip = np.where(self.R.random(n) < self.flip_prob, -1.0, 1.0)
+        theta = np.tile(np.eye(spatial_dims + 1), (n, 1, 1))
+        cos, sin = np.cos(angle), np.sin(angle)
+        theta[:, 0, :2] = np.stack([cos * scale[:, 0], -sin * scale[:, 1]], -1)
+        theta[:, 1, :2] = np.stack([sin * scale[:, 0], cos * scale[:, 1]], -1)
+        theta[:, :2, -1] = shift
+        theta[:, :, self.flip_axis] *= flip[:, None]
+        self._theta = torch.as_tensor(theta, dtype=torch.float32)
+
+    def __call__(self, batch: torch.Tensor, mode: str = "bilinear", randomize: bool = True) -> torch.Tensor:
+        """Resample ``batch`` (float) with ``mode`` (``"bilinear"``, or ``"nearest"`` for masks); zeros outside."""
+        if randomize:
+            self.randomize(batch.shape[0], batch.ndim - 2)
+        if self._theta.shape[0] != batch.shape[0]:
+            raise ValueError(f"drawn for a batch of {self._theta.shape[0]}, got a batch of {batch.shape[0]}")
+        resample = AffineTransform(normalized=False, mode=mode, padding_mode="zeros", zero_centered=True)
+        return resample(batch, self._theta.to(batch.device))
 
 
 class MaskDose(Transform):

@@ -6,9 +6,10 @@ from collections.abc import Hashable, Mapping, Sequence
 
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
+from monai.utils import ensure_tuple_rep
 
 from ..data.openkbp import STRUCTURES
-from .array import DoseInput, MaskDose, PackMasks, RandSliceSample, SliceNeighbours, UnpackMasks
+from .array import BatchRandAffine, DoseInput, MaskDose, PackMasks, RandSliceSample, SliceNeighbours, UnpackMasks
 
 
 class DoseInputd(MapTransform):
@@ -129,6 +130,47 @@ class RandSliceSampled(Randomizable, MapTransform):
         return samples
 
 
+class BatchRandAffined(Randomizable, MapTransform):
+    """Dictionary wrapper of :class:`BatchRandAffine`: the same per-sample draws for every key of a batch.
+
+    Args:
+        keys: batched arrays ``(B, C, H, W[, D])`` to move together.
+        mode: interpolation per key (``"bilinear"``; ``"nearest"`` for masks and packed masks).
+        other arguments: see :class:`BatchRandAffine`.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mode: Sequence[str] | str = "bilinear",
+        prob: float = 0.5,
+        rotate_range: float = 0.2,
+        scale_range: float = 0.1,
+        translate_range: float = 8.0,
+        flip_prob: float = 0.5,
+        flip_axis: int = 1,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mode = ensure_tuple_rep(mode, len(self.keys))
+        self.transform = BatchRandAffine(prob, rotate_range, scale_range, translate_range, flip_prob, flip_axis)
+
+    def set_random_state(self, seed: int | None = None, state=None) -> BatchRandAffined:  # noqa: ANN001
+        super().set_random_state(seed, state)
+        self.transform.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: object = None) -> None:
+        self.transform.randomize(data.shape[0], data.ndim - 2)  # type: ignore[attr-defined]
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        self.randomize(d[self.first_key(d)])
+        for key, mode in self.key_iterator(d, self.mode):
+            d[key] = self.transform(d[key], mode, randomize=False)
+        return d
+
+
 class MaskDosed(MapTransform):
     """Dictionary wrapper of :class:`MaskDose`: clip ``keys`` at 0 and zero them outside ``mask_key``."""
 
@@ -146,6 +188,7 @@ class MaskDosed(MapTransform):
         return d
 
 
+BatchRandAffineD = BatchRandAffineDict = BatchRandAffined
 DoseInputD = DoseInputDict = DoseInputd
 SliceNeighboursD = SliceNeighboursDict = SliceNeighboursd
 RandSliceSampleD = RandSliceSampleDict = RandSliceSampled
