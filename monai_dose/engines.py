@@ -36,8 +36,8 @@ class PrepareDoseBatch(PrepareBatch):
             raise ValueError(f"expected the CT, structures, possible-dose-mask and dose keys, got {keys}")
         self.keys = tuple(keys)
         self.transform = transform
-        self.unpack = UnpackMasks(len(STRUCTURES))
-        self.dose_input = DoseInput(input_set)
+        self.unpack = UnpackMasks(len(STRUCTURES), channel_dim=1)
+        self.dose_input = DoseInput(input_set, channel_dim=1)
         self.mask_dose = MaskDose()
 
     def __call__(
@@ -51,8 +51,6 @@ class PrepareDoseBatch(PrepareBatch):
         if self.transform is not None:
             batch = self.transform(batch)
         ct, structures, mask, dose = (batch[k] for k in self.keys)
-        image = torch.stack(
-            [self.dose_input(c, self.unpack(s), m) for c, s, m in zip(ct, structures, mask, strict=True)]
-        )
+        image = self.dose_input(ct, self.unpack(structures), mask)
         label = torch.stack([self.mask_dose(d, m) for d, m in zip(dose, mask, strict=True)])
         return image, label

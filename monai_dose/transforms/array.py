@@ -48,34 +48,39 @@ class DoseInput(Transform):
 
     Args:
         input_set: a key of :data:`INPUT_SETS`.
+        channel_dim: the channel dimension (1 for a batch ``(B, C, ...)``).
     """
 
-    def __init__(self, input_set: str = "reference") -> None:
+    def __init__(self, input_set: str = "reference", channel_dim: int = 0) -> None:
         input_channels(input_set)
         self.input_set = input_set
+        self.channel_dim = channel_dim
 
     def __call__(
         self, ct: NdarrayOrTensor, structures: NdarrayOrTensor, possible_dose_mask: NdarrayOrTensor
     ) -> torch.Tensor:
+        dim = self.channel_dim
         ct_t = convert_to_tensor(ct, track_meta=False, dtype=torch.float32)
         struct_t = convert_to_tensor(structures, track_meta=False, dtype=torch.float32)
         mask_t = convert_to_tensor(possible_dose_mask, track_meta=False, dtype=torch.float32)
-        stack = ct_t.shape[0]
-        if struct_t.shape[0] != len(STRUCTURES) * stack:
-            raise ValueError(f"expected {len(STRUCTURES)} structure channels, got {struct_t.shape[0] // stack}")
-        if not ct_t.shape[1:] == struct_t.shape[1:] == mask_t.shape[1:]:
+        stack = ct_t.shape[dim]
+        if struct_t.shape[dim] != len(STRUCTURES) * stack:
+            raise ValueError(f"expected {len(STRUCTURES)} structure channels, got {struct_t.shape[dim] // stack}")
+        grids = [tuple(t.shape[:dim] + t.shape[dim + 1 :]) for t in (ct_t, struct_t, mask_t)]
+        if not grids[0] == grids[1] == grids[2]:
             raise ValueError(
-                f"CT {tuple(ct_t.shape[1:])}, structures {tuple(struct_t.shape[1:])} and possible-dose mask "
-                f"{tuple(mask_t.shape[1:])} are not on the same grid"
+                f"CT {grids[0][dim:]}, structures {grids[1][dim:]} and possible-dose mask {grids[2][dim:]} are not "
+                "on the same grid"
             )
         ct_t = (ct_t.clamp(*CT_RANGE) - CT_RANGE[0]) / (CT_RANGE[1] - CT_RANGE[0])
-        struct_t = struct_t.reshape(len(STRUCTURES), stack, *struct_t.shape[1:])
         if self.input_set == "merged_targets":
+            struct_t = struct_t.unflatten(dim, (len(STRUCTURES), stack))
             n_oars = len(OARS)
             doses = torch.tensor(list(TARGET_DOSES_GY.values()), device=struct_t.device) / max(TARGET_DOSES_GY.values())
-            targets = (struct_t[n_oars:] * doses.reshape(-1, *([1] * (struct_t.ndim - 1)))).amax(0, keepdim=True)
-            struct_t = torch.cat([struct_t[:n_oars], targets])
-        return torch.cat([ct_t, struct_t.flatten(0, 1), mask_t])
+            doses = doses.reshape(-1, *([1] * (struct_t.ndim - dim - 1)))
+            targets = (struct_t.narrow(dim, n_oars, len(doses)) * doses).amax(dim, keepdim=True)
+            struct_t = torch.cat([struct_t.narrow(dim, 0, n_oars), targets], dim).flatten(dim, dim + 1)
+        return torch.cat([ct_t, struct_t, mask_t], dim)
 
 
 class PackMasks(Transform):
@@ -103,16 +108,18 @@ class UnpackMasks(Transform):
 
     Args:
         num_masks: masks packed in each channel.
+        channel_dim: the channel dimension (1 for a batch ``(B, S, ...)``).
     """
 
-    def __init__(self, num_masks: int = len(STRUCTURES)) -> None:
+    def __init__(self, num_masks: int = len(STRUCTURES), channel_dim: int = 0) -> None:
         self.num_masks = num_masks
+        self.channel_dim = channel_dim
 
     def __call__(self, packed: NdarrayOrTensor) -> torch.Tensor:
         p = convert_to_tensor(packed, track_meta=False)
         bits = (p.round() if p.is_floating_point() else p).to(torch.int32)
-        shifts = torch.arange(self.num_masks, device=bits.device).reshape(-1, *([1] * bits.ndim))
-        return ((bits[None] >> shifts) & 1).to(torch.float32).flatten(0, 1)
+        masks = [((bits >> bit) & 1).to(torch.float32) for bit in range(self.num_masks)]
+        return torch.stack(masks, self.channel_dim).flatten(self.channel_dim, self.channel_dim + 1)
 
 
 def _with_neighbours(volume: torch.Tensor, indices: torch.Tensor, neighbours: int) -> torch.Tensor:
