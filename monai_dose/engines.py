@@ -38,7 +38,7 @@ class PrepareDoseBatch(PrepareBatch):
         self.transform = transform
         self.unpack = UnpackMasks(len(STRUCTURES), channel_dim=1)
         self.dose_input = DoseInput(input_set, channel_dim=1)
-        self.mask_dose = MaskDose()
+        self.mask_dose = MaskDose(channel_dim=1)
 
     def __call__(
         self,
@@ -52,5 +52,4 @@ class PrepareDoseBatch(PrepareBatch):
             batch = self.transform(batch)
         ct, structures, mask, dose = (batch[k] for k in self.keys)
         image = self.dose_input(ct, self.unpack(structures), mask)
-        label = torch.stack([self.mask_dose(d, m) for d, m in zip(dose, mask, strict=True)])
-        return image, label
+        return image, self.mask_dose(dose, mask)

@@ -116,6 +116,11 @@ def test_mask_dose_clips_and_masks():
     np.testing.assert_array_equal(MaskDose()(dose.numpy(), mask.numpy()), [[[0.0, 2.0], [0.0, 4.0]]])
     out = MaskDosed("pred")({"pred": dose, "possible_dose_mask": mask})
     assert out["pred"].min() == 0
+    # a batch of doses with 3-slice mask stacks: each dose is masked by its central mask slice
+    doses, stacks = torch.randn(4, 1, 5, 5), (torch.rand(4, 3, 5, 5) > 0.5).float()
+    expected = torch.stack([MaskDose()(d, m) for d, m in zip(doses, stacks, strict=True)])
+    assert torch.equal(MaskDose(channel_dim=1)(doses, stacks), expected)
+    assert torch.equal(expected[:, 0] > 0, (doses[:, 0] > 0) & (stacks[:, 1] > 0))
 
 
 def test_packed_masks_round_trip_through_slices_with_neighbours():

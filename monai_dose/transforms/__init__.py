@@ -32,9 +32,6 @@ from .dictionary import (
     SliceNeighboursD,
     SliceNeighboursd,
     SliceNeighboursDict,
-    UnpackMasksD,
-    UnpackMasksd,
-    UnpackMasksDict,
 )
 
 __all__ = [
@@ -65,9 +62,6 @@ __all__ = [
     "SliceNeighboursDict",
     "SliceNeighboursd",
     "UnpackMasks",
-    "UnpackMasksD",
-    "UnpackMasksDict",
-    "UnpackMasksd",
     "input_channels",
     "mask_channel",
 ]

@@ -237,11 +237,21 @@ class MaskDose(Transform):
     """Masked-dose post-processing: clip negative dose to 0 and zero it outside the possible-dose mask.
 
     A mask with more channels than the dose (a 2.5D slice stack) is read at its central channel.
+
+    Args:
+        channel_dim: the channel dimension (1 for a batch ``(B, C, ...)``).
     """
 
+    def __init__(self, channel_dim: int = 0) -> None:
+        self.channel_dim = channel_dim
+
     def __call__(self, dose: NdarrayOrTensor, possible_dose_mask: NdarrayOrTensor) -> NdarrayOrTensor:
-        centre = possible_dose_mask.shape[0] // 2
-        mask = possible_dose_mask[centre : centre + 1] > 0 if dose.shape[0] == 1 else possible_dose_mask > 0
+        dim = self.channel_dim
+        channels = possible_dose_mask.shape[dim]
+        if dose.shape[dim] == 1:
+            index = (slice(None),) * dim + (slice(channels // 2, channels // 2 + 1),)
+            possible_dose_mask = possible_dose_mask[index]
+        mask = possible_dose_mask > 0
         if isinstance(dose, np.ndarray):
             return np.clip(dose, 0, None) * np.asarray(mask, dtype=dose.dtype)
         return dose.clamp_min(0) * convert_to_tensor(mask, device=dose.device, dtype=dose.dtype)

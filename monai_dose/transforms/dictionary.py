@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import ensure_tuple_rep
 
-from ..data.openkbp import STRUCTURES
-from .array import BatchRandAffine, DoseInput, MaskDose, PackMasks, RandSliceSample, SliceNeighbours, UnpackMasks
+from .array import BatchRandAffine, DoseInput, MaskDose, PackMasks, RandSliceSample, SliceNeighbours
 
 
 class DoseInputd(MapTransform):
@@ -40,48 +39,32 @@ class DoseInputd(MapTransform):
         return d
 
 
-class PackMasksd(MapTransform):
+class _PerKeyd(MapTransform):
+    """Dictionary wrapper base: ``self.transform`` applied to each key."""
+
+    transform: Callable
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
+class PackMasksd(_PerKeyd):
     """Dictionary wrapper of :class:`PackMasks`."""
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.transform = PackMasks()
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key])
-        return d
 
-
-class UnpackMasksd(MapTransform):
-    """Dictionary wrapper of :class:`UnpackMasks`."""
-
-    def __init__(
-        self, keys: KeysCollection, num_masks: int = len(STRUCTURES), allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.transform = UnpackMasks(num_masks)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key])
-        return d
-
-
-class SliceNeighboursd(MapTransform):
+class SliceNeighboursd(_PerKeyd):
     """Dictionary wrapper of :class:`SliceNeighbours`."""
 
     def __init__(self, keys: KeysCollection, neighbours: int = 1, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.transform = SliceNeighbours(neighbours)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key])
-        return d
 
 
 class RandSliceSampled(Randomizable, MapTransform):
@@ -194,4 +177,3 @@ SliceNeighboursD = SliceNeighboursDict = SliceNeighboursd
 RandSliceSampleD = RandSliceSampleDict = RandSliceSampled
 MaskDoseD = MaskDoseDict = MaskDosed
 PackMasksD = PackMasksDict = PackMasksd
-UnpackMasksD = UnpackMasksDict = UnpackMasksd
