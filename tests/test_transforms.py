@@ -21,6 +21,7 @@ from monai_dose.transforms import (
     PackMasks,
     PackMasksd,
     RandSliceSampled,
+    SliceMajord,
     SliceNeighbours,
     UnpackMasks,
     input_channels,
@@ -100,6 +101,17 @@ def test_neighbour_slices_match_volume_expansion():
         assert torch.equal(image[mask_channel("reference", 1)], p["possible_dose_mask"][0, ..., k].float())
     edge = SliceNeighbours(1)(p["ct"])  # replicated edge slice
     assert torch.equal(edge[0, ..., 0], p["ct"][0, ..., 0])
+
+
+def test_slice_major_layout_samples_the_same_slices():
+    p = synthetic_patient()
+    moved = SliceMajord(KEYS)(p)
+    for key in KEYS:
+        assert torch.equal(moved[key], p[key]) and moved[key].movedim(-1, 0).is_contiguous()
+    sampler = RandSliceSampled(KEYS, num_samples=6, neighbours=1, neighbour_keys=KEYS[:3])
+    plain, sliced = sampler.set_random_state(2)(p), sampler.set_random_state(2)(moved)
+    for a, b in zip(plain, sliced, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in KEYS)
 
 
 def test_empty_mask_is_an_error():
@@ -196,6 +208,10 @@ def test_prepare_dose_batch_equals_per_sample_input_assembly(input_set, channels
     for i, s in enumerate(plain):
         assert torch.equal(image[i], DoseInput(input_set)(s["ct"], s["structures"], s["possible_dose_mask"]))
         assert torch.equal(label[i], s["dose"])
+    # bf16 assembly (for autocast training) holds exactly the values autocast would round the float32 input to
+    image_bf16, label_bf16 = PrepareDoseBatch(input_set, dtype=torch.bfloat16)(list_data_collate(packed), "cpu")
+    assert image_bf16.dtype == torch.bfloat16 and torch.equal(image_bf16, image.to(torch.bfloat16))
+    assert torch.equal(label_bf16, label)
 
 
 def test_prepare_dose_batch_augments_before_assembly():

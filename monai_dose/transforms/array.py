@@ -49,20 +49,23 @@ class DoseInput(Transform):
     Args:
         input_set: a key of :data:`INPUT_SETS`.
         channel_dim: the channel dimension (1 for a batch ``(B, C, ...)``).
+        dtype: of the output. ``torch.bfloat16`` for a network under bf16 autocast gives the same values the
+            autocast would (the CT is scaled in float32, then rounded) at half the memory traffic.
     """
 
-    def __init__(self, input_set: str = "reference", channel_dim: int = 0) -> None:
+    def __init__(self, input_set: str = "reference", channel_dim: int = 0, dtype: torch.dtype = torch.float32) -> None:
         input_channels(input_set)
         self.input_set = input_set
         self.channel_dim = channel_dim
+        self.dtype = dtype
 
     def __call__(
         self, ct: NdarrayOrTensor, structures: NdarrayOrTensor, possible_dose_mask: NdarrayOrTensor
     ) -> torch.Tensor:
         dim = self.channel_dim
         ct_t = convert_to_tensor(ct, track_meta=False, dtype=torch.float32)
-        struct_t = convert_to_tensor(structures, track_meta=False, dtype=torch.float32)
-        mask_t = convert_to_tensor(possible_dose_mask, track_meta=False, dtype=torch.float32)
+        struct_t = convert_to_tensor(structures, track_meta=False, dtype=self.dtype)
+        mask_t = convert_to_tensor(possible_dose_mask, track_meta=False, dtype=self.dtype)
         stack = ct_t.shape[dim]
         if struct_t.shape[dim] != len(STRUCTURES) * stack:
             raise ValueError(f"expected {len(STRUCTURES)} structure channels, got {struct_t.shape[dim] // stack}")
@@ -72,11 +75,12 @@ class DoseInput(Transform):
                 f"CT {grids[0][dim:]}, structures {grids[1][dim:]} and possible-dose mask {grids[2][dim:]} are not "
                 "on the same grid"
             )
-        ct_t = (ct_t.clamp(*CT_RANGE) - CT_RANGE[0]) / (CT_RANGE[1] - CT_RANGE[0])
+        ct_t = ((ct_t.clamp(*CT_RANGE) - CT_RANGE[0]) / (CT_RANGE[1] - CT_RANGE[0])).to(self.dtype)
         if self.input_set == "merged_targets":
             struct_t = struct_t.unflatten(dim, (len(STRUCTURES), stack))
             n_oars = len(OARS)
             doses = torch.tensor(list(TARGET_DOSES_GY.values()), device=struct_t.device) / max(TARGET_DOSES_GY.values())
+            doses = doses.to(self.dtype)
             doses = doses.reshape(-1, *([1] * (struct_t.ndim - dim - 1)))
             targets = (struct_t.narrow(dim, n_oars, len(doses)) * doses).amax(dim, keepdim=True)
             struct_t = torch.cat([struct_t.narrow(dim, 0, n_oars), targets], dim).flatten(dim, dim + 1)
@@ -109,16 +113,21 @@ class UnpackMasks(Transform):
     Args:
         num_masks: masks packed in each channel.
         channel_dim: the channel dimension (1 for a batch ``(B, S, ...)``).
+        dtype: of the output masks.
     """
 
-    def __init__(self, num_masks: int = len(STRUCTURES), channel_dim: int = 0) -> None:
+    def __init__(
+        self, num_masks: int = len(STRUCTURES), channel_dim: int = 0, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.num_masks = num_masks
         self.channel_dim = channel_dim
+        self.dtype = dtype
 
     def __call__(self, packed: NdarrayOrTensor) -> torch.Tensor:
         p = convert_to_tensor(packed, track_meta=False)
-        bits = (p.round() if p.is_floating_point() else p).to(torch.int32)
-        masks = [((bits >> bit) & 1).to(torch.float32) for bit in range(self.num_masks)]
+        int_type = torch.int16 if self.num_masks <= 15 else torch.int32  # the narrowest is the fastest
+        bits = (p.round() if p.is_floating_point() else p).to(int_type)
+        masks = [((bits >> bit) & 1).to(self.dtype) for bit in range(self.num_masks)]
         return torch.stack(masks, self.channel_dim).flatten(self.channel_dim, self.channel_dim + 1)
 
 
@@ -129,8 +138,10 @@ def _with_neighbours(volume: torch.Tensor, indices: torch.Tensor, neighbours: in
     """
     offsets = torch.arange(-neighbours, neighbours + 1)
     idx = (indices[None, :] + offsets[:, None]).clamp(0, volume.shape[-1] - 1)  # (2n+1, K)
-    slabs = volume[..., idx.reshape(-1)].reshape(*volume.shape[:-1], *idx.shape)  # (C, H, W, 2n+1, K)
-    return slabs.movedim(-2, 1).reshape(-1, *volume.shape[1:-1], idx.shape[1])
+    # whole slices are gathered (contiguous reads for a slice-major volume, see SliceMajor)
+    slabs = volume.movedim(-1, 0)[idx.reshape(-1)].reshape(*idx.shape, *volume.shape[:-1])  # (2n+1, K, C, H, W)
+    stacks = slabs.transpose(0, 1).transpose(1, 2).reshape(idx.shape[1], -1, *volume.shape[1:-1])
+    return stacks.movedim(0, -1)
 
 
 class SliceNeighbours(Transform):
@@ -145,6 +156,18 @@ class SliceNeighbours(Transform):
     def __call__(self, volume: NdarrayOrTensor) -> torch.Tensor:
         vol = convert_to_tensor(volume, track_meta=False)
         return _with_neighbours(vol, torch.arange(vol.shape[-1]), self.neighbours)
+
+
+class SliceMajor(Transform):
+    """Store a volume ``(C, H, W, D)`` with each axial slice (last axis) contiguous in memory.
+
+    Shape and values are unchanged; only the memory layout is (strides ``(H*W, W, 1, C*H*W)``), so that
+    :class:`RandSliceSample` reads whole slices instead of one voxel per slice from every cache line. Apply it to
+    cached volumes (e.g. before a ``CacheDataset`` caches them).
+    """
+
+    def __call__(self, volume: NdarrayOrTensor) -> torch.Tensor:
+        return convert_to_tensor(volume, track_meta=False).movedim(-1, 0).contiguous().movedim(0, -1)
 
 
 class RandSliceSample(Randomizable, Transform):
@@ -162,7 +185,7 @@ class RandSliceSample(Randomizable, Transform):
 
     def randomize(self, mask: NdarrayOrTensor) -> None:
         mask_t = convert_to_tensor(mask, track_meta=False)
-        candidates = torch.nonzero(mask_t.reshape(-1, mask_t.shape[-1]).any(dim=0)).flatten()
+        candidates = torch.nonzero(mask_t.any(dim=tuple(range(mask_t.ndim - 1)))).flatten()
         if len(candidates) == 0:
             raise ValueError("the possible-dose mask is empty: no slice to sample")
         self._indices = candidates[torch.from_numpy(self.R.randint(0, len(candidates), self.num_samples))]
@@ -206,6 +229,7 @@ class BatchRandAffine(Randomizable, Transform):
         self.prob, self.flip_prob, self.flip_axis = prob, flip_prob, flip_axis
         self.rotate_range, self.scale_range, self.translate_range = rotate_range, scale_range, translate_range
         self._theta = torch.eye(3)[None]
+        self._affine = self._flip = torch.zeros(1, dtype=torch.bool)
 
     def randomize(self, batch_size: int, spatial_dims: int = 2) -> None:
         """Draw one affine matrix (voxel units, centred on the image) per sample."""
@@ -222,15 +246,30 @@ class BatchRandAffine(Randomizable, Transform):
         theta[:, :2, -1] = shift
         theta[:, :, self.flip_axis] *= flip[:, None]
         self._theta = torch.as_tensor(theta, dtype=torch.float32)
+        self._affine = torch.as_tensor(apply > 0)
+        self._flip = torch.as_tensor(flip < 0)
 
     def __call__(self, batch: torch.Tensor, mode: str = "bilinear", randomize: bool = True) -> torch.Tensor:
-        """Resample ``batch`` (float) with ``mode`` (``"bilinear"``, or ``"nearest"`` for masks); zeros outside."""
+        """Resample ``batch`` (float) with ``mode`` (``"bilinear"``, or ``"nearest"`` for masks); zeros outside.
+
+        Only the samples drawn for the affine are resampled; the others are flipped (or kept) exactly.
+        """
         if randomize:
             self.randomize(batch.shape[0], batch.ndim - 2)
         if self._theta.shape[0] != batch.shape[0]:
             raise ValueError(f"drawn for a batch of {self._theta.shape[0]}, got a batch of {batch.shape[0]}")
-        resample = AffineTransform(normalized=False, mode=mode, padding_mode="zeros", zero_centered=True)
-        return resample(batch, self._theta.to(batch.device))
+        # indices drawn on the host, so that selecting samples on a GPU needs no synchronisation
+        affine = self._affine.nonzero()[:, 0]
+        flip_only = (self._flip & ~self._affine).nonzero()[:, 0]
+        moved = batch.clone()
+        if len(flip_only):
+            idx = flip_only.to(batch.device)
+            moved[idx] = batch[idx].flip(self.flip_axis + 2)
+        if len(affine):
+            idx = affine.to(batch.device)
+            resample = AffineTransform(normalized=False, mode=mode, padding_mode="zeros", zero_centered=True)
+            moved[idx] = resample(batch[idx], self._theta[affine].to(batch.device))
+        return moved
 
 
 class MaskDose(Transform):

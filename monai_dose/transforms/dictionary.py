@@ -8,7 +8,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import ensure_tuple_rep
 
-from .array import BatchRandAffine, DoseInput, MaskDose, PackMasks, RandSliceSample, SliceNeighbours
+from .array import BatchRandAffine, DoseInput, MaskDose, PackMasks, RandSliceSample, SliceMajor, SliceNeighbours
 
 
 class DoseInputd(MapTransform):
@@ -57,6 +57,14 @@ class PackMasksd(_PerKeyd):
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.transform = PackMasks()
+
+
+class SliceMajord(_PerKeyd):
+    """Dictionary wrapper of :class:`SliceMajor`."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = SliceMajor()
 
 
 class SliceNeighboursd(_PerKeyd):
@@ -177,3 +185,4 @@ SliceNeighboursD = SliceNeighboursDict = SliceNeighboursd
 RandSliceSampleD = RandSliceSampleDict = RandSliceSampled
 MaskDoseD = MaskDoseDict = MaskDosed
 PackMasksD = PackMasksDict = PackMasksd
+SliceMajorD = SliceMajorDict = SliceMajord
