@@ -136,12 +136,14 @@ def _with_neighbours(volume: torch.Tensor, indices: torch.Tensor, neighbours: in
 
     Returns ``(C * (2n + 1), H, W, len(indices))``, channel ``c * (2n + 1) + n + offset``; edges are replicated.
     """
-    offsets = torch.arange(-neighbours, neighbours + 1)
-    idx = (indices[None, :] + offsets[:, None]).clamp(0, volume.shape[-1] - 1)  # (2n+1, K)
-    # whole slices are gathered (contiguous reads for a slice-major volume, see SliceMajor)
-    slabs = volume.movedim(-1, 0)[idx.reshape(-1)].reshape(*idx.shape, *volume.shape[:-1])  # (2n+1, K, C, H, W)
-    stacks = slabs.transpose(0, 1).transpose(1, 2).reshape(idx.shape[1], -1, *volume.shape[1:-1])
-    return stacks.movedim(0, -1)
+    offsets = torch.arange(-neighbours, neighbours + 1, device=volume.device)
+    idx = (indices.to(volume.device)[:, None] + offsets).clamp(0, volume.shape[-1] - 1)  # (K, 2n+1)
+    slices = volume.movedim(-1, 0)  # (D, C, H, W): whole slices are read, contiguously if slice-major (SliceMajor)
+    if idx.numel() > volume.shape[-1]:  # most slices are read more than once: make them contiguous first
+        slices = slices.contiguous()
+    channels = torch.arange(volume.shape[0], device=volume.device)
+    stacks = slices[idx[:, None, :], channels[None, :, None]]  # (K, C, 2n+1, H, W), one gather
+    return stacks.flatten(1, 2).movedim(0, -1)
 
 
 class SliceNeighbours(Transform):
