@@ -18,6 +18,7 @@ import torch
 
 from monai_dose import DosePredictor
 from monai_dose.networks import DCNN
+from monai_dose.utils import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "openkbp_dose"
@@ -93,18 +94,27 @@ def test_resume_after_kill(tmp_path, openkbp_dir):
     )
     models = tmp_path / "models"
     deadline = time.time() + 300
-    while not list(models.glob("checkpoint_epoch=*.pt")) and time.time() < deadline and proc.poll() is None:
+    while not latest_checkpoint(models, "checkpoint_epoch=*.pt") and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = max(models.glob("checkpoint_epoch=*.pt"), key=os.path.getmtime)
-    epoch_done = epochs_done(saved)
+    saved = latest_checkpoint(models, "checkpoint_epoch=*.pt")  # the kill may have cut the newest one short
+    epoch_done = epochs_done(Path(saved))
     assert 1 <= epoch_done < 1000
     out = bundle_run("run", "training", *args, "--epochs", str(epoch_done + 2))
     assert f"Epoch [{epoch_done + 1}/{epoch_done + 2}]" in out.stderr  # continued, not restarted
     assert f"Epoch [1/{epoch_done + 2}]" not in out.stderr
     assert epochs_done(models / "checkpoint_last.pt") == epoch_done + 2
+
+
+def test_latest_checkpoint_skips_a_truncated_one(tmp_path):
+    torch.save({"epoch": 1}, tmp_path / "checkpoint_epoch=1.pt")
+    newest = tmp_path / "checkpoint_epoch=2.pt"
+    newest.write_bytes((tmp_path / "checkpoint_epoch=1.pt").read_bytes()[:100])  # killed while saving
+    os.utime(newest, (time.time() + 10, time.time() + 10))
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=1.pt")
+    assert latest_checkpoint(tmp_path / "none") == ""
 
 
 def test_evaluate_writes_scores(trained, openkbp_dir):
