@@ -1,6 +1,6 @@
 """monai_dose: MONAI-based radiotherapy dose prediction (OpenKBP), with OpenKBP scores and DICOM RT I/O."""
 
-from . import data, engines, evaluation, inference, metrics, networks, transforms
+from . import data, engines, evaluation, inference, inferers, metrics, networks, transforms
 from .inference import DosePredictor
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "engines",
     "evaluation",
     "inference",
+    "inferers",
     "metrics",
     "networks",
     "transforms",

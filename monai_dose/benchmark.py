@@ -21,7 +21,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from .data.openkbp import load_openkbp_datalist, patient_folder_datalist
-from .inference import DosePredictor, patient_loader, save_dose
+from .inference import DosePredictor, load_patient, save_dose
 
 CPU_THREADS = 2
 STAGES = ("load", "preprocess", "network", "postprocess", "save")
@@ -47,12 +47,11 @@ def benchmark_inference(bundle: str | Path, patient: dict, device: str, repeats:
     """Median seconds per stage of predicting one patient from files to a written dose file."""
     torch.set_num_threads(CPU_THREADS)
     predictor = DosePredictor.from_bundle(bundle, device=device)
-    loader = patient_loader()
     timings: dict[str, list[float]] = {stage: [] for stage in STAGES}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats + 1):  # the first run warms up
             marks = [time.perf_counter()]
-            data = loader(patient)
+            data = load_patient(patient)
             marks.append(time.perf_counter())
             image, mask = predictor.prepare(data["ct"], data["structures"], data["possible_dose_mask"])
             marks.append(time.perf_counter())
@@ -114,15 +113,20 @@ def benchmark_training(
             }
         )
         trainer = parser.get_parsed_content("train#trainer")
-        stamps: list[float] = []
-        trainer.add_event_handler(
-            Events.ITERATION_COMPLETED, lambda _: (_sync(trainer.state.device), stamps.append(time.perf_counter()))
-        )
+        stamps: list[float] = []  # after the warm-up and after the last iteration; no synchronisation in between,
+        # so that the host queues the next batch while the device computes, as in training
+
+        def stamp(_) -> None:  # noqa: ANN001
+            _sync(trainer.state.device)
+            stamps.append(time.perf_counter())
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=warmup), stamp)
+        trainer.add_event_handler(Events.COMPLETED, stamp)
         trainer.run()
     per_batch = parser.get_parsed_content("batch_size")
     if parser.get_parsed_content("spatial_dims") == 2:
         per_batch *= parser.get_parsed_content("num_slices")
-    pipeline_rate = per_batch * iterations / (stamps[-1] - stamps[warmup - 1])
+    pipeline_rate = per_batch * iterations / (stamps[1] - stamps[0])
 
     batch = next(iter(parser.get_parsed_content("train#dataloader")))
     image, label = trainer.prepare_batch(batch, trainer.state.device, trainer.non_blocking)

@@ -86,7 +86,7 @@ def test_fine_tune_starts_from_pretrained_weights(trained, tmp_path, openkbp_dir
 def test_resume_after_kill(tmp_path, openkbp_dir):
     """Kill a run in its second epoch; the next run continues from the last epoch checkpoint."""
     args = ["--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), *SMALL_DATA, *TINY]
-    args += ["--num_workers", "0", "--cache_workers", "0", "--val_interval", "1000"]
+    args += ["--num_workers", "0", "--cache_workers", "0", "--val_interval", "1000", "--log_every", "1"]
     files = str([str(BUNDLE / "configs" / "train.json")])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files, "--logging_file", "False"]
     proc = subprocess.Popen(
@@ -158,6 +158,23 @@ def test_inference_on_new_patients(trained, new_patients, tmp_path, openkbp_dir)
     assert not list(out_dir.rglob(".tmp*"))
 
 
+def test_load_patient_matches_monai_loader_in_slice_major_layout(new_patients):
+    """Same values, types and affines as MONAI's LoadImaged; every axial slice contiguous (no C-order copy)."""
+    from monai.transforms import LoadImaged
+
+    from monai_dose.data import IMAGE_KEYS, patient_folder_datalist
+    from monai_dose.inference import load_patient
+
+    item = patient_folder_datalist(new_patients)[0]
+    loaded = load_patient(item)
+    reference = LoadImaged(list(IMAGE_KEYS), dtype=None, image_only=True)(item)
+    for key in IMAGE_KEYS:
+        assert loaded[key].dtype == reference[key].dtype
+        assert torch.equal(loaded[key].as_tensor(), reference[key].as_tensor())
+        torch.testing.assert_close(loaded[key].affine, reference[key].affine)
+        assert loaded[key].stride()[:3] == (1, 128, 128 * 128)  # axis 2 outermost: slices are contiguous
+
+
 def _break(patient: Path, problem: str) -> None:
     """Corrupt one input of ``patient`` in the way named by ``problem``."""
 
@@ -180,6 +197,9 @@ def _break(patient: Path, problem: str) -> None:
         rewrite("structures.nii.gz", np.asanyarray(nib.load(patient / "structures.nii.gz").dataobj)[..., :9])
     elif problem == "empty mask":
         rewrite("possible_dose_mask.nii.gz", np.zeros((128, 128, 128), np.uint8))
+    elif problem == "truncated file":
+        data = (patient / "structures.nii.gz").read_bytes()
+        (patient / "structures.nii.gz").write_bytes(data[: len(data) // 2])
 
 
 PROBLEMS = {
@@ -189,6 +209,7 @@ PROBLEMS = {
     "NaN in CT": "NaN",
     "structure channels": "structures must be",
     "empty mask": "possible-dose mask is empty",
+    "truncated file": "structures.nii.gz: not a readable NIfTI file",
 }
 
 

@@ -1,11 +1,13 @@
-"""Networks: shapes for 2D and 3D, the dense dilated bottleneck, the cascade and the masked output."""
+"""Networks: shapes for 2D and 3D, the dense dilated bottleneck, the cascade, the masked output; the slice inferer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from monai.inferers import SliceInferer
 from monai.networks.nets import UNet
 
+from monai_dose.inferers import AxialSliceInferer
 from monai_dose.networks import DCNN, Cascade, DilatedDenseBlock, MaskedDose
 
 
@@ -26,8 +28,9 @@ def test_dense_block_uses_dilations_and_grows():
 
 def test_dcnn_bottleneck_sees_far():
     """A dilated bottleneck gives a receptive field covering the whole 128 x 128 slice from its centre."""
+    torch.manual_seed(0)  # a random 2-channel net on a blank input can have all its ReLUs off: no gradient at all
     net = DCNN(2, 1, 1, channels=(2, 4, 8, 16)).eval()
-    x = torch.zeros(1, 1, 128, 128, requires_grad=True)
+    x = torch.rand(1, 1, 128, 128, requires_grad=True)
     net(x)[0, 0, 64, 64].backward()
     rows = torch.nonzero(x.grad[0, 0].abs().sum(1)).flatten()
     assert rows.min() <= 8 and rows.max() >= 120
@@ -52,3 +55,25 @@ def test_masked_dose_output(amp):
     assert (y[:, 0][x[:, 11] == 0] == 0).all()
     y.sum().backward()  # trains through the autocast region
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("slice_major", [False, True])
+def test_axial_slice_inferer_matches_monai_slice_inferer(slice_major):
+    """Same output as MONAI's SliceInferer for a batch of volumes whose depth is not a multiple of the batch."""
+    torch.manual_seed(0)
+    net = DCNN(2, in_channels=3, out_channels=2, channels=(4, 8)).eval()
+    volumes = torch.rand(2, 3, 16, 16, 11)
+    if slice_major:
+        volumes = volumes.movedim(-1, 0).contiguous().movedim(0, -1)
+    calls = []
+
+    def network(x):
+        calls.append(x.shape[0])
+        return net(x)
+
+    with torch.no_grad():
+        expected = SliceInferer(spatial_dim=2, roi_size=(-1, -1), sw_batch_size=4, progress=False)(volumes, net)
+        result = AxialSliceInferer(sw_batch_size=4)(volumes, network)
+    assert result.shape == (2, 2, 16, 16, 11)
+    torch.testing.assert_close(result, expected)
+    assert calls == [4, 4, 4, 4, 4, 2]  # 22 slices, at most 4 per call

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from monai.config import NdarrayOrTensor
 from monai.networks.layers import AffineTransform
+from monai.networks.utils import to_norm_affine
 from monai.transforms import Randomizable, Transform
 from monai.utils import convert_to_tensor
 
@@ -231,6 +232,7 @@ class BatchRandAffine(Randomizable, Transform):
         self.rotate_range, self.scale_range, self.translate_range = rotate_range, scale_range, translate_range
         self._theta = torch.eye(3)[None]
         self._affine = self._flip = torch.zeros(1, dtype=torch.bool)
+        self._on_device: tuple = ()
 
     def randomize(self, batch_size: int, spatial_dims: int = 2) -> None:
         """Draw one affine matrix (voxel units, centred on the image) per sample."""
@@ -249,6 +251,29 @@ class BatchRandAffine(Randomizable, Transform):
         self._theta = torch.as_tensor(theta, dtype=torch.float32)
         self._affine = torch.as_tensor(apply > 0)
         self._flip = torch.as_tensor(flip < 0)
+        self._on_device = ()
+
+    def _draw_on(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices of the affine and flip-only samples, and the affine matrices in the normalised grid coordinates
+        of ``AffineTransform(normalized=True, reverse_indexing=False)``, on ``batch``'s device; once per draw.
+
+        All of it is computed on the host and copied through pinned memory without blocking, so that on a GPU the
+        host never waits for the device (MONAI's ``AffineTransform`` builds the normalisation on the device,
+        with several synchronising steps per call).
+        """
+        key = (batch.device, tuple(batch.shape[2:]))
+        if not self._on_device or self._on_device[0] != key:
+            size = key[1]
+            affine = self._affine.nonzero()[:, 0]
+            theta = to_norm_affine(self._theta[affine], size, size, align_corners=True, zero_centered=True)
+            reverse = list(range(len(size) - 1, -1, -1))  # grid_sample's (x, y[, z]) order
+            theta[:, : len(size)] = theta[:, reverse]
+            theta[:, :, : len(size)] = theta[:, :, reverse]
+            host = (affine, (self._flip & ~self._affine).nonzero()[:, 0], theta)
+            if batch.device.type == "cuda":
+                host = tuple(t.pin_memory() for t in host)
+            self._on_device = (key, *(t.to(batch.device, non_blocking=True) for t in host))
+        return self._on_device[1:]
 
     def __call__(self, batch: torch.Tensor, mode: str = "bilinear", randomize: bool = True) -> torch.Tensor:
         """Resample ``batch`` (float) with ``mode`` (``"bilinear"``, or ``"nearest"`` for masks); zeros outside.
@@ -259,17 +284,13 @@ class BatchRandAffine(Randomizable, Transform):
             self.randomize(batch.shape[0], batch.ndim - 2)
         if self._theta.shape[0] != batch.shape[0]:
             raise ValueError(f"drawn for a batch of {self._theta.shape[0]}, got a batch of {batch.shape[0]}")
-        # indices drawn on the host, so that selecting samples on a GPU needs no synchronisation
-        affine = self._affine.nonzero()[:, 0]
-        flip_only = (self._flip & ~self._affine).nonzero()[:, 0]
+        affine, flip_only, theta = self._draw_on(batch)
         moved = batch.clone()
         if len(flip_only):
-            idx = flip_only.to(batch.device)
-            moved[idx] = batch[idx].flip(self.flip_axis + 2)
+            moved[flip_only] = batch[flip_only].flip(self.flip_axis + 2)
         if len(affine):
-            idx = affine.to(batch.device)
-            resample = AffineTransform(normalized=False, mode=mode, padding_mode="zeros", zero_centered=True)
-            moved[idx] = resample(batch[idx], self._theta[affine].to(batch.device))
+            resample = AffineTransform(normalized=True, reverse_indexing=False, mode=mode, padding_mode="zeros")
+            moved[affine] = resample(batch[affine], theta)
         return moved
 
 
