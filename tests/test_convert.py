@@ -123,15 +123,21 @@ def _replace_line(path: Path, line: int, text: str) -> None:
     ],
 )
 def test_malformed_csv(one_patient, tmp_path, capsys, name, line, text, message):
+    """The patient is skipped with the file and problem named; the others are converted and listed."""
+    shutil.copytree(one_patient, one_patient.parent / "pt_2")
     _replace_line(one_patient / name, line, text)
     dst = tmp_path / "dst"
     assert main(["convert-openkbp", str(tmp_path / "src"), str(dst)]) == 1
     err = capsys.readouterr().err
-    assert f"error: {one_patient / name}: " in err and message in err
-    assert_nothing_written(dst)
+    assert "error: 1 patient(s) not converted" in err and f"{one_patient / name}: " in err and message in err
+    data = json.loads((dst / "dataset.json").read_text())
+    assert [e["id"] for e in data["training"]] == ["pt_2"]
+    assert list(data["excluded_malformed"]["training"]) == ["pt_1"]
+    assert message in data["excluded_malformed"]["training"]["pt_1"]
+    assert not (dst / "train" / "pt_1").exists() and (dst / "train" / "pt_2" / "ct.nii.gz").is_file()
+    assert not list(dst.glob(".tmp*")), "a temporary file or folder was left behind"
     with pytest.raises(ValueError, match=name):
         convert_openkbp(tmp_path / "src", dst)
-    assert_nothing_written(dst)
 
 
 def test_no_partial_patient_on_write_error(one_patient, tmp_path, monkeypatch):

@@ -123,15 +123,17 @@ def convert_openkbp(src: str | Path, dst: str | Path) -> dict:
     ``src/{train,validation,test}-pats/pt_N/*.csv`` become ``dst/{train,validation,test}/pt_N/*.nii.gz``
     (layout in :mod:`monai_dose.data.openkbp`). A patient missing a required CSV (CT, possible-dose mask,
     voxel dimensions; dose except in the test split) is skipped with a logged warning and listed under
-    ``excluded_incomplete``. Each patient is written to a temporary folder in ``dst`` and moved into place
-    when complete, so an error leaves no partial patient folder.
+    ``excluded_incomplete``. A patient with a malformed CSV is skipped too, with the file and the problem logged
+    and listed under ``excluded_malformed``; the others are still converted. Each patient is written to a
+    temporary folder in ``dst`` and moved into place when complete, so an error leaves no partial patient folder.
 
     Returns:
         ``{"converted": {split: [ids]}, "excluded": {split: [ids]}, "dataset": <dataset.json path>}``.
 
     Raises:
         FileNotFoundError: ``src`` holds no ``*-pats`` folder.
-        ValueError: a malformed CSV; the message names the file and the problem.
+        ValueError: after writing ``dataset.json`` of the converted patients, when some had a malformed CSV; the
+            message names each file and its problem.
     """
     src, dst = Path(src), Path(dst)
     sources = {s: src / f"{folder}-pats" for s, folder in SPLITS.items()}
@@ -141,6 +143,7 @@ def convert_openkbp(src: str | Path, dst: str | Path) -> dict:
     jobs = [(s, p) for s, f in sources.items() for p in sorted(f.iterdir(), key=_natural_key) if p.is_dir()]
     converted: dict[str, list[dict]] = {s: [] for s in sources}
     excluded: dict[str, list[str]] = {s: [] for s in sources}
+    malformed: dict[str, dict[str, str]] = {s: {} for s in sources}
     dst.mkdir(parents=True, exist_ok=True)
     for section, patient in tqdm(jobs, desc="convert-openkbp", unit="patient"):
         with_dose = section != "test" or (patient / "dose.csv").is_file()
@@ -158,6 +161,10 @@ def convert_openkbp(src: str | Path, dst: str | Path) -> dict:
             (dst / SPLITS[section]).mkdir(exist_ok=True)
             shutil.rmtree(dst / rel, ignore_errors=True)
             os.replace(tmp, dst / rel)
+        except ValueError as err:
+            logger.error(f"{err}; patient skipped")
+            malformed[section][patient.name] = str(err)
+            continue
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         keys = ("ct",) + (DOSE_KEY,) * with_dose + ("possible_dose_mask", "structures")
@@ -166,8 +173,16 @@ def convert_openkbp(src: str | Path, dst: str | Path) -> dict:
 
     folders = ", ".join(p.name for p in sources.values())
     metadata = dict(_METADATA, source_format=_METADATA["source_format"].format(folders))
+    if any(malformed.values()):
+        metadata["excluded_malformed"] = malformed
     dataset = dict(metadata, excluded_incomplete=excluded, **converted)
     write_atomic(dst / "dataset.json", lambda p: p.write_text(json.dumps(dataset, indent=1)))
+    problems = [problem for section in malformed.values() for problem in section.values()]
+    if problems:
+        raise ValueError(
+            f"{len(problems)} patient(s) not converted, the others are listed in {dst / 'dataset.json'}: "
+            + "; ".join(problems)
+        )
     summary = {s: [e["id"] for e in entries] for s, entries in converted.items()}
     counts = ", ".join(f"{s} {len(ids)} (excluded {len(excluded[s])})" for s, ids in summary.items())
     logger.info(f"converted {counts} -> {dst / 'dataset.json'}")
