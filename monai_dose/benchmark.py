@@ -34,9 +34,41 @@ def _peak_rss_mb() -> float:
     return (own + children) / 1024
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op on the CPU), so that a clock read after it is meaningful."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def measurement_config(
+    config_files: list[str | Path],
+    dataset_dir: str | Path,
+    device: str | torch.device,
+    bundle_root: str | Path,
+    **updates,
+) -> ConfigParser:
+    """The bundle's training config (``config_files`` layered) on its first 8 training patients, without handlers,
+    writing to ``bundle_root``: what the speed measurements run; ``updates`` replace further config values."""
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files])
+    parser.update(
+        {
+            "bundle_root": str(bundle_root),
+            "dataset_dir": str(dataset_dir),
+            "device": f"$torch.device('{device}')",
+            "num_train": 8,
+            "train#handlers": [],
+            **updates,
+        }
+    )
+    return parser
+
+
+def network_step(trainer, image: torch.Tensor, label: torch.Tensor) -> None:  # noqa: ANN001
+    """One optimizer step of ``trainer``'s network, loss and optimizer on a prepared batch."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.loss_function(trainer.network(image), label).backward()
+    trainer.optimizer.step()
 
 
 def _peak_gpu_mb(device: torch.device) -> float | None:
@@ -56,7 +88,7 @@ def benchmark_inference(bundle: str | Path, patient: dict, device: str, repeats:
             image, mask = predictor.prepare(data["ct"], data["structures"], data["possible_dose_mask"])
             marks.append(time.perf_counter())
             raw = predictor.predict(image, mask)
-            _sync(predictor.device)
+            synchronize(predictor.device)
             marks.append(time.perf_counter())
             dose = predictor.postprocess(raw, mask)
             marks.append(time.perf_counter())
@@ -91,33 +123,30 @@ def benchmark_training(
     """
     if device == "cpu":
         torch.set_num_threads(CPU_THREADS)
-    parser = ConfigParser()
-    parser.read_config([str(Path(bundle) / "configs" / "train.json"), *map(str, train_configs)])
-    volumes = parser.get_parsed_content("batch_size") * (warmup + iterations)
+    configs = [Path(bundle) / "configs" / "train.json", *train_configs]
     with tempfile.TemporaryDirectory() as tmp:
-        parser.update(
-            {
-                "bundle_root": tmp,
-                "dataset_dir": str(dataset_dir),
-                "device": f"$torch.device('{device}')",
-                "num_train": 8,
-                "train#handlers": [],
+        parser = measurement_config(
+            configs,
+            dataset_dir,
+            device,
+            tmp,
+            **{
                 # one epoch of warmup + iterations batches, so that no epoch restart stalls the loader workers
                 "train#dataloader#shuffle": False,
                 "train#dataloader#sampler": {
                     "_target_": "torch.utils.data.RandomSampler",
                     "data_source": "@train#dataset",
-                    "num_samples": volumes,
+                    "num_samples": f"$@batch_size * {warmup + iterations}",
                 },
                 "train#trainer#max_epochs": 1,
-            }
+            },
         )
         trainer = parser.get_parsed_content("train#trainer")
         stamps: list[float] = []  # after the warm-up and after the last iteration; no synchronisation in between,
         # so that the host queues the next batch while the device computes, as in training
 
         def stamp(_) -> None:  # noqa: ANN001
-            _sync(trainer.state.device)
+            synchronize(trainer.state.device)
             stamps.append(time.perf_counter())
 
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=warmup), stamp)
@@ -130,15 +159,12 @@ def benchmark_training(
 
     batch = next(iter(parser.get_parsed_content("train#dataloader")))
     image, label = trainer.prepare_batch(batch, trainer.state.device, trainer.non_blocking)
-    network, optimizer, loss_fn = trainer.network, trainer.optimizer, trainer.loss_function
     for step in range(warmup + iterations):
         if step == warmup:
-            _sync(trainer.state.device)
+            synchronize(trainer.state.device)
             start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(network(image), label).backward()
-        optimizer.step()
-    _sync(trainer.state.device)
+        network_step(trainer, image, label)
+    synchronize(trainer.state.device)
     network_rate = per_batch * iterations / (time.perf_counter() - start)
     unit = "slices/s" if parser.get_parsed_content("spatial_dims") == 2 else "volumes/s"
     return {

@@ -172,8 +172,8 @@ def load_patient(item: dict) -> dict:
     """Load a patient's input files (``ct``, ``structures``, ``possible_dose_mask`` keys) as ``MetaTensor`` with
     their affines, in the files' types and memory layout.
 
-    MONAI's ``LoadImage`` copies each NIfTI array into C order (a 4D transpose of the 20 MB structure masks, nine
-    tenths of the loading time); NIfTI's own column-major layout keeps every axial slice contiguous, which is
+    MONAI's ``LoadImage`` copies each NIfTI array into C order (a 4D transpose of the 20 MB structure masks, three
+    quarters of its loading time); NIfTI's own column-major layout keeps every axial slice contiguous, which is
     what the slice-wise network reads, so the arrays are wrapped as they are read.
     """
     patient = {}
