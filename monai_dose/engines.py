@@ -22,7 +22,8 @@ class PrepareDoseBatch(PrepareBatch):
 
     Args:
         input_set: see :data:`monai_dose.transforms.INPUT_SETS`.
-        keys: the CT, packed structures, possible-dose mask and dose keys of the batch, in this order.
+        keys: the CT, packed structures, possible-dose mask and dose keys of the batch, in this order, then the
+            target-proximity key for the ``target_proximity`` input set.
         transform: a dictionary transform of the batch tensors (random augmentation), or ``None``.
         dtype: of the assembled input; ``torch.bfloat16`` for a network under bf16 autocast (the values it would
             see anyway, at half the memory traffic).
@@ -35,8 +36,10 @@ class PrepareDoseBatch(PrepareBatch):
         transform: Callable[[dict], dict] | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if len(keys) != 4:
-            raise ValueError(f"expected the CT, structures, possible-dose-mask and dose keys, got {keys}")
+        if len(keys) not in (4, 5):
+            raise ValueError(
+                f"expected the CT, structures, possible-dose-mask, dose (and target-proximity) keys, got {keys}"
+            )
         self.keys = tuple(keys)
         self.transform = transform
         self.unpack = UnpackMasks(len(STRUCTURES), channel_dim=1, dtype=dtype)
@@ -53,6 +56,6 @@ class PrepareDoseBatch(PrepareBatch):
         batch = {k: batchdata[k].to(device=device, non_blocking=non_blocking).float() for k in self.keys}
         if self.transform is not None:
             batch = self.transform(batch)
-        ct, structures, mask, dose = (batch[k] for k in self.keys)
-        image = self.dose_input(ct, self.unpack(structures), mask)
+        ct, structures, mask, dose, *proximity = (batch[k] for k in self.keys)
+        image = self.dose_input(ct, self.unpack(structures), mask, *proximity)
         return image, self.mask_dose(dose, mask)

@@ -19,18 +19,44 @@ from tqdm import tqdm
 
 from .data.openkbp import IMAGE_KEYS, STRUCTURES
 from .inferers import AxialSliceInferer
-from .transforms import DoseInput, MaskDose, SliceNeighbours
+from .transforms import PROXIMITY_SET, DoseInput, MaskDose, SliceNeighbours, TargetProximity, input_channel_names
 from .utils import write_atomic
 
 logger = logging.getLogger(__name__)
 
 
-def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike) -> torch.nn.Module:
-    """Load a state dict saved by the bundle (plain, or under ``"model"``) into ``network``, in float32."""
+def load_weights(
+    network: torch.nn.Module,
+    checkpoint: str | os.PathLike,
+    input_set: str | None = None,
+    neighbours: int = 0,
+    checkpoint_input_set: str | None = None,
+) -> torch.nn.Module:
+    """Load a state dict saved by the bundle (plain, or under ``"model"``) into ``network``, in float32.
+
+    A checkpoint trained on another input set (``checkpoint_input_set``, for ``network`` taking ``input_set``
+    with ``neighbours``) keeps its first convolution's weights channel by channel, matched by name
+    (:func:`~monai_dose.transforms.input_channel_names`); the weights of channels new to ``input_set`` start at
+    zero, so that the network computes what the checkpoint did until it learns to use them.
+    """
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if checkpoint_input_set is not None and input_set is not None and checkpoint_input_set != input_set:
+        old, new = (input_channel_names(s, neighbours) for s in (checkpoint_input_set, input_set))
+        key = next(k for k, v in state.items() if v.ndim > 2)  # the first convolution
+        weight = state[key]
+        if weight.shape[1] != len(old):
+            raise ValueError(
+                f"{checkpoint}: its first layer ({key}) takes {weight.shape[1]} channels, not the {len(old)} of "
+                f"input set '{checkpoint_input_set}' with {neighbours} neighbours"
+            )
+        state[key] = weight.new_zeros(weight.shape[0], len(new), *weight.shape[2:])
+        for channel, name in enumerate(new):
+            if name in old:
+                state[key][:, channel] = weight[:, old.index(name)]
+    network.load_state_dict(state)
     return network
 
 
@@ -69,6 +95,7 @@ class DosePredictor:
         self.network = network.to(self.device).eval()
         self.spatial_dims = spatial_dims
         self.input = DoseInput(input_set)
+        self.proximity = TargetProximity() if input_set == PROXIMITY_SET else None
         self.neighbours = SliceNeighbours(neighbours) if neighbours else None
         self.tta = tta
         self.amp = amp
@@ -116,9 +143,13 @@ class DosePredictor:
                 pred = (pred + self.inferer(image.flip(flip), self.network).flip(flip)) / 2
         return pred.float()
 
-    def prepare(self, ct, structures, possible_dose_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(
+        self, ct, structures, possible_dose_mask, voxel_spacing: Sequence[float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the inputs (see :meth:`__call__`) and assemble the network input on the predictor's device;
         returns ``(image, mask)``."""
+        if voxel_spacing is None and isinstance(structures, MetaTensor):
+            voxel_spacing = [float(v) for v in structures.pixdim[:3]]
         ct_t, struct_t, mask_t = (
             torch.as_tensor(np.asarray(a)).to(self.device).float() for a in (ct, structures, possible_dose_mask)
         )
@@ -134,7 +165,13 @@ class DosePredictor:
             raise ValueError("the CT contains NaN or infinite values")
         if not (mask_t > 0).any():
             raise ValueError("the possible-dose mask is empty")
-        image = self.input(ct_t[None], struct_t.movedim(-1, 0), mask_t)
+        struct_t = struct_t.movedim(-1, 0)
+        proximity = None
+        if self.proximity is not None:
+            if voxel_spacing is None:
+                raise ValueError(f"input set '{PROXIMITY_SET}' needs the voxel spacing: pass voxel_spacing")
+            proximity = self.proximity(struct_t, voxel_spacing).to(self.device)
+        image = self.input(ct_t[None], struct_t, mask_t, proximity)
         if self.neighbours is not None:
             image = self.neighbours(image)
         return image, mask_t
@@ -155,7 +192,11 @@ class DosePredictor:
         return convert_to_numpy(MaskDose()(pred, mask)[0], dtype=np.float32)
 
     def __call__(
-        self, ct: np.ndarray | torch.Tensor, structures: np.ndarray | torch.Tensor, possible_dose_mask
+        self,
+        ct: np.ndarray | torch.Tensor,
+        structures: np.ndarray | torch.Tensor,
+        possible_dose_mask,
+        voxel_spacing: Sequence[float] | None = None,
     ) -> np.ndarray:
         """Predict the dose in Gy (float32, ``H, W, D``), >= 0 and zero outside the possible-dose mask.
 
@@ -163,8 +204,10 @@ class DosePredictor:
             ct: ``(H, W, D)`` OpenKBP CT values (Hounsfield units + 1024).
             structures: ``(H, W, D, 10)`` binary masks in :data:`monai_dose.data.STRUCTURES` order.
             possible_dose_mask: ``(H, W, D)`` binary mask of where dose may be non-zero.
+            voxel_spacing: in mm, needed by the ``target_proximity`` input set unless ``structures`` is a
+                ``MetaTensor`` (whose affine gives it).
         """
-        image, mask = self.prepare(ct, structures, possible_dose_mask)
+        image, mask = self.prepare(ct, structures, possible_dose_mask, voxel_spacing)
         return self.postprocess(self.predict(image, mask), mask)
 
 

@@ -17,7 +17,10 @@ import pytest
 import torch
 
 from monai_dose import DosePredictor
+from monai_dose.data import patient_folder_datalist
+from monai_dose.inference import load_patient, load_weights
 from monai_dose.networks import DCNN
+from monai_dose.transforms import input_channel_names
 from monai_dose.utils import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +84,70 @@ def test_fine_tune_starts_from_pretrained_weights(trained, tmp_path, openkbp_dir
     for key, value in before.items():
         if value.is_floating_point() and "running" not in key:  # batch-norm statistics still move
             torch.testing.assert_close(after[key], value, msg=key)
+
+
+def test_fine_tune_into_target_proximity_input(trained, tmp_path, openkbp_dir):
+    """A checkpoint of the reference input set fine-tunes with the target-proximity input: the first layer keeps
+    each channel's weights it had (matched by name) and starts the new channels at zero."""
+    pretrained = trained / "models" / "model.pt"
+    bundle_run(
+        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "--input_set", "target_proximity", "--pretrained_ckpt", str(pretrained), "--pretrained_input_set",
+        "reference", "--learning_rate", "0.0", "--weight_decay", "0.0", *SMALL_DATA, *SMALL_RUN, *TINY,
+    )  # fmt: skip
+    key = "encoders.0.0.conv.weight"
+    before = torch.load(pretrained, weights_only=True)[key]
+    after = torch.load(tmp_path / "models" / "model.pt", weights_only=True)[key]
+    old, new = input_channel_names("reference", 1), input_channel_names("target_proximity", 1)
+    assert after.shape[1] == len(new) == 45
+    for channel, name in enumerate(new):
+        expected = before[:, old.index(name)] if name in old else torch.zeros_like(after[:, channel])
+        torch.testing.assert_close(after[:, channel], expected, msg=name)
+
+
+@pytest.mark.parametrize("input_set", ["reference", "target_proximity"])
+def test_training_cache_holds_the_deterministic_preprocessing(input_set, openkbp_dir):
+    """The cache of the training set holds each volume loaded, its masks packed, its target proximity computed:
+    only slice sampling and augmentation are left for every epoch."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(BUNDLE / "configs" / "train.json")
+    parser.update({"dataset_dir": str(openkbp_dir), "num_train": 1, "cache_workers": 0, "input_set": input_set})
+    cached = parser.get_parsed_content("train#dataset")._cache[0]
+    assert cached["structures"].shape[0] == 1 and cached["structures"].dtype == torch.int16  # packed
+    assert ("target_proximity" in cached) == (input_set == "target_proximity")
+    if input_set == "target_proximity":
+        assert cached["target_proximity"].shape == (3, 128, 128, 128) and cached["target_proximity"].max() == 1
+
+
+def test_adapted_weights_predict_as_before(tmp_path, openkbp_dir):
+    """Zero weights for the new proximity channels: the adapted network predicts what the original did."""
+    torch.manual_seed(0)
+    original = DCNN(2, 36, 1, channels=(4, 8), dilations=(2,))
+    torch.save(original.state_dict(), tmp_path / "reference.pt")
+    adapted = load_weights(
+        DCNN(2, 45, 1, channels=(4, 8), dilations=(2,)), tmp_path / "reference.pt", "target_proximity", 1, "reference"
+    )
+    patient = load_patient(patient_folder_datalist(openkbp_dir / "validation" / "pt_201")[0])
+    inputs = (patient["ct"], patient["structures"], patient["possible_dose_mask"])
+    doses = [
+        DosePredictor(net, input_set=s, neighbours=1, device="cpu", amp=False)(*inputs)
+        for net, s in ((original, "reference"), (adapted, "target_proximity"))
+    ]
+    np.testing.assert_allclose(doses[1], doses[0], atol=1e-4)
+    with pytest.raises(ValueError, match="voxel spacing"):  # plain arrays carry no spacing
+        DosePredictor(adapted, input_set="target_proximity", neighbours=1, device="cpu")(
+            *(np.asarray(a) for a in inputs)
+        )
+    with pytest.raises(ValueError, match="takes 36 channels, not the 30"):
+        load_weights(
+            DCNN(2, 45, 1, channels=(4, 8), dilations=(2,)),
+            tmp_path / "reference.pt",
+            "target_proximity",
+            1,
+            "merged_targets",
+        )
 
 
 def test_resume_after_kill(tmp_path, openkbp_dir):

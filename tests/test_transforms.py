@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from monai.data import list_data_collate
+from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Compose, LoadImaged
 
 from monai_dose.data import STRUCTURES, dlmi_loader, load_dlmi_datalist, load_openkbp_datalist
@@ -23,7 +23,10 @@ from monai_dose.transforms import (
     RandSliceSampled,
     SliceMajord,
     SliceNeighbours,
+    TargetProximity,
+    TargetProximityd,
     UnpackMasks,
+    input_channel_names,
     input_channels,
     mask_channel,
 )
@@ -69,6 +72,51 @@ def test_dose_input_errors():
         DoseInput()(p["ct"][..., :-1], p["structures"], p["possible_dose_mask"])
     with pytest.raises(ValueError, match="unknown input_set"):
         DoseInput("everything")
+
+
+def test_target_proximity_follows_distance_in_mm():
+    structures = torch.zeros(10, 20, 20, 20, dtype=torch.uint8)
+    structures[STRUCTURES.index("PTV70"), 5, 5, 5] = 1
+    structures[STRUCTURES.index("PTV56"), 10:, :, :] = 1
+    proximity = TargetProximity(length_mm=30.0)(structures, voxel_spacing=(2.0, 4.0, 3.0))
+    assert proximity.shape == (3, 20, 20, 20)
+    ptv56, ptv63, ptv70 = proximity
+    assert not ptv63.any()  # absent target: no proximity anywhere
+    assert ptv70[5, 5, 5] == 1 and ptv56[10:].eq(1).all()
+    for offset, axis_mm in ((3, 2.0), (3, 4.0), (4, 3.0)):  # voxel spacing of each axis enters the distance
+        index = [5, 5, 5]
+        index[[2.0, 4.0, 3.0].index(axis_mm)] += offset
+        assert ptv70[tuple(index)] == pytest.approx(np.exp(-offset * axis_mm / 30.0), rel=1e-5)
+    assert ptv56[7, 0, 0] == pytest.approx(np.exp(-3 * 2.0 / 30.0), rel=1e-5)
+    # a MetaTensor carries its spacing in the affine; a plain array must be given one
+    meta = MetaTensor(structures, affine=torch.diag(torch.tensor([2.0, 4.0, 3.0, 1.0], dtype=torch.float64)))
+    assert torch.equal(
+        TargetProximityd("structures", length_mm=30.0)({"structures": meta})["target_proximity"], proximity
+    )
+    with pytest.raises(ValueError, match="voxel spacing"):
+        TargetProximity()(structures)
+
+
+def test_dose_input_target_proximity_channels():
+    p = synthetic_patient()
+    proximity = TargetProximity()(p["structures"], voxel_spacing=(4.0, 4.0, 2.5))
+    image = DoseInput("target_proximity")(p["ct"], p["structures"], p["possible_dose_mask"], proximity)
+    names = input_channel_names("target_proximity")
+    assert image.shape[0] == input_channels("target_proximity") == len(names) == 15
+    reference = DoseInput()(p["ct"], p["structures"], p["possible_dose_mask"])
+    assert torch.equal(image[names.index("PTV63_proximity")], proximity[1])
+    assert torch.equal(image[[i for i, n in enumerate(names) if "proximity" not in n]], reference)
+    with pytest.raises(ValueError, match="needs the target proximity"):
+        DoseInput("target_proximity")(p["ct"], p["structures"], p["possible_dose_mask"])
+    with pytest.raises(ValueError, match="target-proximity channels"):
+        DoseInput("target_proximity")(p["ct"], p["structures"], p["possible_dose_mask"], proximity[:2])
+
+
+def test_input_channel_names_are_channel_major():
+    names = input_channel_names("reference", neighbours=1)
+    assert names[:4] == ["ct[-1]", "ct[0]", "ct[1]", "Brainstem[-1]"]
+    assert names[mask_channel("reference", 1)] == "possible_dose_mask[0]"
+    assert input_channel_names("target_proximity", 1)[mask_channel("target_proximity", 1)] == "possible_dose_mask[0]"
 
 
 def test_slice_sampling_only_where_mask_is_non_empty():
@@ -192,24 +240,30 @@ def test_batch_augmentation_keeps_masks_exact_and_aligned():
     assert not torch.equal(moved_plain["structures"], plain["structures"])
 
 
-@pytest.mark.parametrize("input_set, channels", [("reference", 36), ("merged_targets", 30)])
+@pytest.mark.parametrize("input_set, channels", [("reference", 36), ("merged_targets", 30), ("target_proximity", 45)])
 def test_prepare_dose_batch_equals_per_sample_input_assembly(input_set, channels):
     patients = [synthetic_patient(seed=i) for i in range(2)]
+    keys = list(KEYS)
+    if input_set == "target_proximity":
+        keys.append("target_proximity")
+        for p in patients:
+            p["target_proximity"] = TargetProximity()(p["structures"], voxel_spacing=(4.0, 4.0, 2.5))
+    input_keys = [k for k in keys if k != "dose"]
 
     def sample(pack: bool) -> list[dict]:
-        sampler = RandSliceSampled(KEYS, num_samples=3, neighbours=1, neighbour_keys=KEYS[:3])
+        sampler = RandSliceSampled(keys, num_samples=3, neighbours=1, neighbour_keys=input_keys)
         chain = Compose([PackMasksd("structures"), sampler] if pack else [sampler])
         chain.set_random_state(7)
         return [s for p in patients for s in chain(dict(p))]
 
     packed, plain = sample(pack=True), sample(pack=False)
-    image, label = PrepareDoseBatch(input_set)(list_data_collate(packed), torch.device("cpu"))
+    image, label = PrepareDoseBatch(input_set, keys)(list_data_collate(packed), torch.device("cpu"))
     assert image.shape == (6, channels, 16, 16) and image.dtype == torch.float32
     for i, s in enumerate(plain):
-        assert torch.equal(image[i], DoseInput(input_set)(s["ct"], s["structures"], s["possible_dose_mask"]))
+        assert torch.equal(image[i], DoseInput(input_set)(*(s[k] for k in input_keys)))
         assert torch.equal(label[i], s["dose"])
     # bf16 assembly (for autocast training) holds exactly the values autocast would round the float32 input to
-    image_bf16, label_bf16 = PrepareDoseBatch(input_set, dtype=torch.bfloat16)(list_data_collate(packed), "cpu")
+    image_bf16, label_bf16 = PrepareDoseBatch(input_set, keys, dtype=torch.bfloat16)(list_data_collate(packed), "cpu")
     assert image_bf16.dtype == torch.bfloat16 and torch.equal(image_bf16, image.to(torch.bfloat16))
     assert torch.equal(label_bf16, label)
 

@@ -248,7 +248,8 @@ def predict_dicom(
     coverage = _coverage(masks, ct, grid, possible_dose)
 
     predictor = bundle if callable(bundle) else DosePredictor.from_bundle(bundle)
-    model_dose = np.asarray(predictor(model_ct, structures, model_mask), dtype=np.float32)
+    grid_spacing = {"voxel_spacing": MODEL_SPACING_MM} if isinstance(predictor, DosePredictor) else {}
+    model_dose = np.asarray(predictor(model_ct, structures, model_mask, **grid_spacing), dtype=np.float32)
     dose = np.clip(resample(model_dose, grid, ct.affine, ct.hu.shape, order=1), 0, None) * possible_dose
 
     dvh, metrics = _dvh_tables(dose, masks, ct.spacing)

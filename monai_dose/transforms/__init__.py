@@ -3,6 +3,7 @@
 from .array import (
     CT_RANGE,
     INPUT_SETS,
+    PROXIMITY_SET,
     BatchRandAffine,
     DoseInput,
     MaskDose,
@@ -10,7 +11,9 @@ from .array import (
     RandSliceSample,
     SliceMajor,
     SliceNeighbours,
+    TargetProximity,
     UnpackMasks,
+    input_channel_names,
     input_channels,
     mask_channel,
 )
@@ -36,11 +39,15 @@ from .dictionary import (
     SliceNeighboursD,
     SliceNeighboursd,
     SliceNeighboursDict,
+    TargetProximityD,
+    TargetProximityd,
+    TargetProximityDict,
 )
 
 __all__ = [
     "CT_RANGE",
     "INPUT_SETS",
+    "PROXIMITY_SET",
     "BatchRandAffine",
     "BatchRandAffineD",
     "BatchRandAffineDict",
@@ -69,7 +76,12 @@ __all__ = [
     "SliceNeighboursD",
     "SliceNeighboursDict",
     "SliceNeighboursd",
+    "TargetProximity",
+    "TargetProximityD",
+    "TargetProximityDict",
+    "TargetProximityd",
     "UnpackMasks",
+    "input_channel_names",
     "input_channels",
     "mask_channel",
 ]

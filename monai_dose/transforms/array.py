@@ -10,29 +10,46 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.config import NdarrayOrTensor
+from monai.data import MetaTensor
 from monai.networks.layers import AffineTransform
 from monai.networks.utils import to_norm_affine
 from monai.transforms import Randomizable, Transform
+from monai.transforms.utils import distance_transform_edt
 from monai.utils import convert_to_tensor
 
-from ..data.openkbp import OARS, STRUCTURES, TARGET_DOSES_GY
+from ..data.openkbp import OARS, STRUCTURES, TARGET_DOSES_GY, TARGETS
 
 CT_RANGE = (0.0, 4095.0)
 """OpenKBP CT values (HU + 1024) are clipped to this range, then scaled to 0..1."""
-INPUT_SETS: dict[str, int] = {"reference": 1 + len(STRUCTURES) + 1, "merged_targets": 1 + len(OARS) + 1 + 1}
-"""Input channel sets and their channel count per slice.
+PROXIMITY_SET = "target_proximity"
+INPUT_SETS: dict[str, tuple[str, ...]] = {
+    "reference": ("ct", *STRUCTURES, "possible_dose_mask"),
+    "merged_targets": ("ct", *OARS, "targets", "possible_dose_mask"),
+    PROXIMITY_SET: ("ct", *STRUCTURES, *(f"{t}_proximity" for t in TARGETS), "possible_dose_mask"),
+}
+"""Input channel sets: the names of their channels per slice.
 
 - ``reference``: CT, the 10 structures, possible-dose mask (the reference method's 12 channels).
 - ``merged_targets``: CT, the 7 OARs, one target channel holding the highest prescription covering each voxel
   divided by 70 Gy, possible-dose mask (10 channels).
+- ``target_proximity``: the reference channels and, before the mask, the proximity of each voxel to each target
+  in 3D (:class:`TargetProximity`; 15 channels): a slice-wise network then knows how far the targets are even
+  where they lie beyond its slices.
 """
+
+
+def input_channel_names(input_set: str = "reference", neighbours: int = 0) -> list[str]:
+    """Names of the network input channels, channel-major: ``"ct[-1]", "ct[0]", "ct[1]", ...`` for 2.5D input."""
+    if input_set not in INPUT_SETS:
+        raise ValueError(f"unknown input_set '{input_set}', expected one of {sorted(INPUT_SETS)}")
+    if neighbours == 0:
+        return list(INPUT_SETS[input_set])
+    return [f"{name}[{k}]" for name in INPUT_SETS[input_set] for k in range(-neighbours, neighbours + 1)]
 
 
 def input_channels(input_set: str = "reference", neighbours: int = 0) -> int:
     """Number of network input channels for ``input_set`` with ``neighbours`` slices on each side (2.5D)."""
-    if input_set not in INPUT_SETS:
-        raise ValueError(f"unknown input_set '{input_set}', expected one of {sorted(INPUT_SETS)}")
-    return INPUT_SETS[input_set] * (2 * neighbours + 1)
+    return len(input_channel_names(input_set, neighbours))
 
 
 def mask_channel(input_set: str = "reference", neighbours: int = 0) -> int:
@@ -40,12 +57,45 @@ def mask_channel(input_set: str = "reference", neighbours: int = 0) -> int:
     return (input_channels(input_set) - 1) * (2 * neighbours + 1) + neighbours
 
 
+class TargetProximity(Transform):
+    """Proximity of every voxel to each planning target: ``exp(-d / length_mm)`` with ``d`` the 3D Euclidean
+    distance in mm to the target (1 inside it, 0 everywhere for a target the patient lacks).
+
+    ``(10, H, W, D)`` structures in :data:`~monai_dose.data.STRUCTURES` order -> ``(3, H, W, D)``, one
+    channel per target of :data:`~monai_dose.data.TARGETS`. The distance comes from MONAI's
+    ``distance_transform_edt`` (scipy, or cuCIM on a GPU where installed).
+
+    Args:
+        length_mm: distance at which the proximity falls to ``1/e``.
+        dtype: of the output (``torch.float16`` halves the memory of cached volumes).
+    """
+
+    def __init__(self, length_mm: float = 50.0, dtype: torch.dtype = torch.float32) -> None:
+        self.length_mm = length_mm
+        self.dtype = dtype
+
+    def __call__(self, structures: NdarrayOrTensor, voxel_spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+        """``voxel_spacing`` in mm; by default that of a ``MetaTensor``'s affine."""
+        if voxel_spacing is None:
+            if not isinstance(structures, MetaTensor):
+                raise ValueError("the voxel spacing is needed for target distances: pass voxel_spacing")
+            voxel_spacing = tuple(float(v) for v in structures.pixdim[: structures.ndim - 1])
+        if structures.ndim != 4 or structures.shape[0] != len(STRUCTURES):
+            raise ValueError(f"expected structures ({len(STRUCTURES)}, H, W, D), got {tuple(structures.shape)}")
+        targets = convert_to_tensor(structures, track_meta=False)[[STRUCTURES.index(t) for t in TARGETS]] > 0
+        distance = distance_transform_edt(~targets, sampling=list(voxel_spacing))  # on the structures' device
+        present = targets.flatten(1).any(1)[:, None, None, None]
+        return (torch.exp(-distance / self.length_mm) * present).to(self.dtype)
+
+
 class DoseInput(Transform):
-    """Assemble the network input from CT, structure masks and possible-dose mask.
+    """Assemble the network input from CT, structure masks, target proximity (``target_proximity`` input set
+    only) and possible-dose mask.
 
     The CT is clipped to 0..4095 and scaled to 0..1; masks become float {0, 1}. For 2.5D input (``S`` stacked
-    slices per channel, see :class:`RandSliceSample`) the CT has ``S`` channels, the structures ``10 * S`` and the
-    mask ``S``; the output then has ``input_channels(input_set) * S`` channels in the same channel-major order.
+    slices per channel, see :class:`RandSliceSample`) the CT has ``S`` channels, the structures ``10 * S``, the
+    proximity ``3 * S`` and the mask ``S``; the output then has ``input_channels(input_set) * S`` channels in the
+    same channel-major order.
 
     Args:
         input_set: a key of :data:`INPUT_SETS`.
@@ -61,8 +111,13 @@ class DoseInput(Transform):
         self.dtype = dtype
 
     def __call__(
-        self, ct: NdarrayOrTensor, structures: NdarrayOrTensor, possible_dose_mask: NdarrayOrTensor
+        self,
+        ct: NdarrayOrTensor,
+        structures: NdarrayOrTensor,
+        possible_dose_mask: NdarrayOrTensor,
+        target_proximity: NdarrayOrTensor | None = None,
     ) -> torch.Tensor:
+        """``target_proximity`` (of :class:`TargetProximity`) is required by the ``target_proximity`` input set."""
         dim = self.channel_dim
         ct_t = convert_to_tensor(ct, track_meta=False, dtype=torch.float32)
         struct_t = convert_to_tensor(structures, track_meta=False, dtype=self.dtype)
@@ -70,11 +125,21 @@ class DoseInput(Transform):
         stack = ct_t.shape[dim]
         if struct_t.shape[dim] != len(STRUCTURES) * stack:
             raise ValueError(f"expected {len(STRUCTURES)} structure channels, got {struct_t.shape[dim] // stack}")
-        grids = [tuple(t.shape[:dim] + t.shape[dim + 1 :]) for t in (ct_t, struct_t, mask_t)]
-        if not grids[0] == grids[1] == grids[2]:
+        extra = []
+        if self.input_set == PROXIMITY_SET:
+            if target_proximity is None:
+                raise ValueError(f"input set '{PROXIMITY_SET}' needs the target proximity (TargetProximity)")
+            extra = [convert_to_tensor(target_proximity, track_meta=False, dtype=self.dtype)]
+            if extra[0].shape[dim] != len(TARGETS) * stack:
+                raise ValueError(
+                    f"expected {len(TARGETS)} target-proximity channels, got {extra[0].shape[dim] // stack}"
+                )
+        grids = [tuple(t.shape[:dim] + t.shape[dim + 1 :]) for t in (ct_t, struct_t, mask_t, *extra)]
+        if len(set(grids)) > 1:
             raise ValueError(
-                f"CT {grids[0][dim:]}, structures {grids[1][dim:]} and possible-dose mask {grids[2][dim:]} are not "
-                "on the same grid"
+                f"CT {grids[0][dim:]}, structures {grids[1][dim:]}, possible-dose mask {grids[2][dim:]}"
+                + (f" and target proximity {grids[3][dim:]}" if extra else "")
+                + " are not on the same grid"
             )
         ct_t = ((ct_t.clamp(*CT_RANGE) - CT_RANGE[0]) / (CT_RANGE[1] - CT_RANGE[0])).to(self.dtype)
         if self.input_set == "merged_targets":
@@ -84,7 +149,7 @@ class DoseInput(Transform):
             doses = doses.to(self.dtype).reshape(-1, *([1] * (struct_t.ndim - dim - 1)))
             targets = (struct_t.narrow(dim, n_oars, len(doses)) * doses).amax(dim, keepdim=True)
             struct_t = torch.cat([struct_t.narrow(dim, 0, n_oars), targets], dim).flatten(dim, dim + 1)
-        return torch.cat([ct_t, struct_t, mask_t], dim)
+        return torch.cat([ct_t, struct_t, *extra, mask_t], dim)
 
 
 class PackMasks(Transform):

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
+import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import ensure_tuple_rep
 
-from .array import BatchRandAffine, DoseInput, MaskDose, PackMasks, RandSliceSample, SliceMajor, SliceNeighbours
+from .array import (
+    BatchRandAffine,
+    DoseInput,
+    MaskDose,
+    PackMasks,
+    RandSliceSample,
+    SliceMajor,
+    SliceNeighbours,
+    TargetProximity,
+)
 
 
 class DoseInputd(MapTransform):
     """Dictionary wrapper of :class:`DoseInput`: writes the network input to ``name``.
 
     Args:
-        keys: the CT, structures and possible-dose-mask keys, in this order.
+        keys: the CT, structures and possible-dose-mask keys, in this order, then the target-proximity key for
+            the ``target_proximity`` input set.
         name: key of the assembled input.
         input_set: see :data:`monai_dose.transforms.array.INPUT_SETS`.
     """
@@ -28,14 +39,39 @@ class DoseInputd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if len(self.keys) != 3:
-            raise ValueError(f"expected the CT, structures and possible-dose-mask keys, got {self.keys}")
+        if len(self.keys) not in (3, 4):
+            raise ValueError(
+                f"expected the CT, structures, possible-dose-mask (and target-proximity) keys, got {self.keys}"
+            )
         self.name = name
         self.transform = DoseInput(input_set)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         d[self.name] = self.transform(*(d[k] for k in self.keys))
+        return d
+
+
+class TargetProximityd(MapTransform):
+    """Dictionary wrapper of :class:`TargetProximity`: the proximity of the structures of ``keys`` (one key,
+    a ``MetaTensor`` whose affine gives the voxel spacing) is written to ``name``."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "structures",
+        name: str = "target_proximity",
+        length_mm: float = 50.0,
+        dtype: torch.dtype = torch.float32,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.name = name
+        self.transform = TargetProximity(length_mm, dtype)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.name] = self.transform(d[key])
         return d
 
 
@@ -186,3 +222,4 @@ RandSliceSampleD = RandSliceSampleDict = RandSliceSampled
 MaskDoseD = MaskDoseDict = MaskDosed
 PackMasksD = PackMasksDict = PackMasksd
 SliceMajorD = SliceMajorDict = SliceMajord
+TargetProximityD = TargetProximityDict = TargetProximityd
