@@ -66,7 +66,7 @@ class DosePredictor:
     Example::
 
         predictor = monai_dose.DosePredictor.from_bundle("bundles/openkbp_dose")
-        dose = predictor(ct, structures, possible_dose_mask)  # (128, 128, 128) float32 Gy
+        dose = predictor(ct, structures, possible_dose_mask, voxel_spacing=(3.906, 3.906, 2.5))  # float32 Gy
 
     Args:
         network: the dose network (not wrapped in :class:`~monai_dose.networks.MaskedDose`).

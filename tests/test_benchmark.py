@@ -32,7 +32,7 @@ def test_benchmark_reports_inference_and_training(tmp_path, openkbp_dir, capsys)
     assert set(inference["seconds"]) == {"load", "preprocess", "network", "postprocess", "save"}
     assert all(s > 0 for s in inference["seconds"].values()) and inference["peak_memory_mb"] > 0
     training = results["training"]["cpu"]
-    assert training["unit"] == "slices/s" and training["batch"] == [16, 36, 128, 128]  # 4 volumes x 4 slices
+    assert training["unit"] == "slices/s" and training["batch"] == [16, 45, 128, 128]  # 4 volumes x 4 slices
     assert training["train_configs"] == [str(override)]
     assert training["pipeline_rate"] > 0 and training["network_only_rate"] > 0
     table = capsys.readouterr().out

@@ -62,7 +62,7 @@ def test_training_writes_best_model_and_logs(trained):
     models = trained / "models"
     assert (models / "model.pt").is_file()
     state = torch.load(models / "model.pt", weights_only=True)
-    net = DCNN(2, 36, 1, channels=(4, 8, 16), dilations=(2, 3))
+    net = DCNN(2, 45, 1, channels=(4, 8, 16), dilations=(2, 3))  # target_proximity: 15 channels x 3 slices
     net.load_state_dict(state)  # the best checkpoint holds the bare network's weights
     assert epochs_done(models / "checkpoint_last.pt") == 2
     assert any((trained / "logs").iterdir())  # TensorBoard events
@@ -89,7 +89,10 @@ def test_fine_tune_starts_from_pretrained_weights(trained, tmp_path, openkbp_dir
 def test_fine_tune_into_target_proximity_input(trained, tmp_path, openkbp_dir):
     """A checkpoint of the reference input set fine-tunes with the target-proximity input: the first layer keeps
     each channel's weights it had (matched by name) and starts the new channels at zero."""
-    pretrained = trained / "models" / "model.pt"
+    pretrained = tmp_path / "reference.pt"  # the trained target-proximity network without its proximity channels
+    reference = DCNN(2, 36, 1, channels=(4, 8, 16), dilations=(2, 3))
+    load_weights(reference, trained / "models" / "model.pt", "reference", 1, "target_proximity")
+    torch.save(reference.state_dict(), pretrained)
     bundle_run(
         "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
         "--input_set", "target_proximity", "--pretrained_ckpt", str(pretrained), "--pretrained_input_set",
@@ -323,7 +326,7 @@ def test_predictor_from_bundle_matches_bundle_inference(trained, new_patients, t
     arrays = [
         np.asanyarray(nib.load(patient / f"{k}.nii.gz").dataobj) for k in ("ct", "structures", "possible_dose_mask")
     ]
-    dose = predictor(*arrays)
+    dose = predictor(*arrays, voxel_spacing=nib.load(patient / "ct.nii.gz").header.get_zooms()[:3])
     assert dose.shape == (128, 128, 128) and dose.dtype == np.float32 and dose.min() >= 0
     bundle_run(
         "run", "--dataset_dir", str(patient), "--output_dir", str(tmp_path / "out"),
@@ -365,8 +368,8 @@ def test_metadata_and_network_checks(trained, tmp_path):
         check=True, cwd=REPO, capture_output=True,
     )  # fmt: skip
     exported = torch.jit.load(ts)
-    x = torch.rand(1, 36, 64, 64)
-    reference = DCNN(2, 36, 1, channels=(4, 8, 16), dilations=(2, 3))
+    x = torch.rand(1, 45, 64, 64)
+    reference = DCNN(2, 45, 1, channels=(4, 8, 16), dilations=(2, 3))
     reference.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
     torch.testing.assert_close(exported(x), reference.eval()(x))
 
