@@ -54,7 +54,7 @@ def input_channels(input_set: str = "reference", neighbours: int = 0) -> int:
 
 def mask_channel(input_set: str = "reference", neighbours: int = 0) -> int:
     """Index of the central slice's possible-dose mask among the network input channels."""
-    return (input_channels(input_set) - 1) * (2 * neighbours + 1) + neighbours
+    return input_channel_names(input_set, neighbours).index("possible_dose_mask" + ("[0]" if neighbours else ""))
 
 
 class TargetProximity(Transform):
