@@ -108,6 +108,30 @@ def test_fine_tune_into_target_proximity_input(trained, tmp_path, openkbp_dir):
         torch.testing.assert_close(after[:, channel], expected, msg=name)
 
 
+def test_ema_is_validated_and_saved(trained, tmp_path, openkbp_dir):
+    """``--ema_momentum m``: an exponential moving average of the weights, started from the pretrained weights,
+    is what validation scores and ``model.pt`` holds; the epoch checkpoint keeps both for resuming."""
+    pretrained, momentum = trained / "models" / "model.pt", 0.25
+    # one volume and one slice batch: a single step, so a single EMA update
+    bundle_run(
+        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "--pretrained_ckpt", str(pretrained), "--ema_momentum", str(momentum), "--learning_rate", "0.01",
+        *SMALL_DATA, *SMALL_RUN, *TINY, "--num_train", "1",
+    )  # fmt: skip
+    before = torch.load(pretrained, weights_only=True)
+    checkpoint = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)
+    online, saved = checkpoint["model"], torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    ema = {k.removeprefix("network."): v for k, v in checkpoint["ema_model"].items()}
+    assert saved.keys() == ema.keys() == before.keys()
+    moved = 0
+    for key, value in before.items():
+        torch.testing.assert_close(saved[key], ema[key], msg=key)
+        if value.is_floating_point():
+            torch.testing.assert_close(ema[key], (1 - momentum) * value + momentum * online[key], msg=key)
+            moved += not torch.equal(online[key], value)
+    assert moved  # the step changed the online weights, so the average differs from both
+
+
 @pytest.mark.parametrize("input_set", ["reference", "target_proximity"])
 def test_training_cache_holds_the_deterministic_preprocessing(input_set, openkbp_dir):
     """The cache of the training set holds each volume loaded, its masks packed, its target proximity computed:
