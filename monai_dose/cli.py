@@ -48,11 +48,22 @@ def _benchmark(args: argparse.Namespace) -> None:
     )
 
 
+def _average_weights(args: argparse.Namespace) -> None:
+    import torch
+
+    from .inference import average_weights
+    from .utils import write_atomic
+
+    state = average_weights(args.checkpoints)
+    write_atomic(args.out, lambda tmp: torch.save(state, tmp))
+    print(f"average of {len(args.checkpoints)} checkpoints -> {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``monai_dose`` argument parser with one sub-command per workflow."""
     parser = argparse.ArgumentParser(
         prog="python -m monai_dose",
-        description="Radiotherapy dose prediction tools: OpenKBP conversion, evaluation, DICOM prediction, benchmark.",
+        description="Dose prediction: OpenKBP conversion, evaluation, DICOM prediction, benchmark, weight averaging.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -92,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file layered on the bundle's train.json for the training measurement (repeatable)",
     )
     p.set_defaults(func=_benchmark)
+
+    p = sub.add_parser("average-weights", help="uniform average of checkpoints of one network (a model soup)")
+    p.add_argument("out", type=Path, help="the averaged weights, a model.pt")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        help="model.pt files or training checkpoints (their network; FILE#ema_model or FILE#swa_model: its average)",
+    )
+    p.set_defaults(func=_average_weights)
     return parser
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from ignite.engine import Engine, Events
 from monai.engines import PrepareBatch
+from torch.optim.swa_utils import AveragedModel
 
 from .data.openkbp import STRUCTURES
 from .transforms.array import DoseInput, MaskDose, UnpackMasks
@@ -59,3 +61,38 @@ class PrepareDoseBatch(PrepareBatch):
         ct, structures, mask, dose, *proximity = (batch[k] for k in self.keys)
         image = self.dose_input(ct, self.unpack(structures), mask, *proximity)
         return image, self.mask_dose(dose, mask)
+
+
+class StochasticWeightAveraging:
+    """Uniform average of the weights and batch-norm statistics of ``model`` at the end of every epoch from
+    ``start_epoch`` on (stochastic weight averaging, Izmailov et al. 2018), kept by PyTorch's ``AveragedModel``.
+
+    :attr:`averaged_model` (a copy of ``model``, or of its ``module`` when ``model`` is a (Distributed)DataParallel
+    wrapper) holds the average, for validation and saving; it holds the weights ``model`` had when this was built
+    until the first epoch is averaged. The update runs after the last iteration of an epoch, so the epoch's
+    validation already scores it.
+    """
+
+    def __init__(self, model: torch.nn.Module, start_epoch: int = 1) -> None:
+        if start_epoch < 1:
+            raise ValueError(f"start_epoch must be at least 1, got {start_epoch}")
+        parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+        self.model = model.module if isinstance(model, parallel) else model
+        self.start_epoch = start_epoch
+        self.average = AveragedModel(self.model, use_buffers=True)
+
+    @property
+    def averaged_model(self) -> torch.nn.Module:
+        """The copy of ``model`` that holds the average."""
+        return self.average.module
+
+    def attach(self, engine: Engine) -> None:
+        """Average at the end of each of ``engine``'s epochs from ``start_epoch`` on."""
+        engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=self._epoch_end), self.update)
+
+    def _epoch_end(self, engine: Engine, iteration: int) -> bool:
+        return iteration % engine.state.epoch_length == 0 and engine.state.epoch >= self.start_epoch
+
+    def update(self) -> None:
+        """Add ``model``'s current weights to the average."""
+        self.average.update_parameters(self.model)

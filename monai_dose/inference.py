@@ -25,6 +25,50 @@ from .utils import write_atomic
 logger = logging.getLogger(__name__)
 
 
+# where a training checkpoint of the bundle keeps a weight average, and the prefix of the network's keys in it
+# (the average of a ``MaskedDose``-wrapped network, in PyTorch's ``AveragedModel`` for ``swa_model``)
+AVERAGES = {"ema_model": "network.", "swa_model": "module.network."}
+
+
+def network_weights(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network state dict of a checkpoint saved by the bundle: ``model.pt`` (the bare state dict) or a
+    training checkpoint (its ``"model"``). ``FILE#ema_model`` or ``FILE#swa_model`` takes the weight average a
+    training checkpoint holds (``--ema_momentum`` or ``--swa_start``) instead."""
+    path, average = Path(checkpoint), ""
+    if not path.is_file() and "#" in path.name:
+        name, _, average = path.name.rpartition("#")
+        path = path.with_name(name)
+        if average not in AVERAGES:
+            raise ValueError(f"{checkpoint}: '#{average}' is not one of {', '.join('#' + a for a in AVERAGES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if average:
+        if average not in state:
+            raise ValueError(f"{path}: holds no '{average}' (it holds {', '.join(state)})")
+        prefix = AVERAGES[average]
+        return {k.removeprefix(prefix): v for k, v in state[average].items() if k.startswith(prefix)}
+    if "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return state
+
+
+def average_weights(checkpoints: Sequence[str | os.PathLike]) -> dict[str, torch.Tensor]:
+    """Uniform average, in float32, of the weights and batch-norm statistics of several checkpoints of one network
+    (a "model soup"; each read by :func:`network_weights`); integer buffers are taken from the first."""
+    if not checkpoints:
+        raise ValueError("no checkpoints to average")
+    states = [network_weights(c) for c in checkpoints]
+    first = states[0]
+    for checkpoint, state in zip(checkpoints[1:], states[1:], strict=True):
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes != {k: tuple(v.shape) for k, v in first.items()}:
+            raise ValueError(f"{checkpoint}: not the network of {checkpoints[0]} (other weight names or shapes)")
+    return {
+        k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v for k, v in first.items()
+    }
+
+
 def load_weights(
     network: torch.nn.Module,
     checkpoint: str | os.PathLike,
@@ -32,17 +76,15 @@ def load_weights(
     neighbours: int = 0,
     checkpoint_input_set: str | None = None,
 ) -> torch.nn.Module:
-    """Load a state dict saved by the bundle (plain, or under ``"model"``) into ``network``, in float32.
+    """Load the weights of a checkpoint saved by the bundle (see :func:`network_weights`) into ``network``, in
+    float32.
 
     A checkpoint trained on another input set (``checkpoint_input_set``, for ``network`` taking ``input_set``
     with ``neighbours``) keeps its first convolution's weights channel by channel, matched by name
     (:func:`~monai_dose.transforms.input_channel_names`); the weights of channels new to ``input_set`` start at
     zero, so that the network computes what the checkpoint did until it learns to use them.
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in network_weights(checkpoint).items()}
     if checkpoint_input_set is not None and input_set is not None and checkpoint_input_set != input_set:
         old, new = (input_channel_names(s, neighbours) for s in (checkpoint_input_set, input_set))
         key = next(k for k, v in state.items() if v.ndim > 2)  # the first convolution

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from monai_dose import DosePredictor
+from monai_dose.cli import main
 from monai_dose.data import patient_folder_datalist
-from monai_dose.inference import load_patient, load_weights
+from monai_dose.inference import load_patient, load_weights, network_weights
 from monai_dose.networks import DCNN
 from monai_dose.transforms import input_channel_names
 from monai_dose.utils import latest_checkpoint
@@ -121,7 +122,7 @@ def test_ema_is_validated_and_saved(trained, tmp_path, openkbp_dir):
     before = torch.load(pretrained, weights_only=True)
     checkpoint = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)
     online, saved = checkpoint["model"], torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    ema = {k.removeprefix("network."): v for k, v in checkpoint["ema_model"].items()}
+    ema = network_weights(f"{tmp_path / 'models' / 'checkpoint_last.pt'}#ema_model")
     assert saved.keys() == ema.keys() == before.keys()
     moved = 0
     for key, value in before.items():
@@ -132,10 +133,63 @@ def test_ema_is_validated_and_saved(trained, tmp_path, openkbp_dir):
     assert moved  # the step changed the online weights, so the average differs from both
 
 
+def test_swa_averages_epochs_from_start(trained, tmp_path, openkbp_dir):
+    """``--swa_start 2``: the uniform average of the weights at the end of epochs 2 and 3 (not 1) is what the
+    epoch-3 validation scores and ``model.pt`` holds; the epoch checkpoint keeps it for resuming."""
+    bundle_run(
+        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "3",
+        "--pretrained_ckpt", str(trained / "models" / "model.pt"), "--swa_start", "2", "--learning_rate", "0.01",
+        *SMALL_DATA, *SMALL_RUN, *TINY, "--num_train", "1", "--val_interval", "3",
+    )  # fmt: skip
+    models = tmp_path / "models"
+    epoch2, epoch3 = (torch.load(models / f"checkpoint_epoch={e}.pt", weights_only=True) for e in (2, 3))
+    saved = torch.load(models / "model.pt", weights_only=True)
+    assert epoch3["swa_model"]["n_averaged"] == 2
+    swa = network_weights(f"{models / 'checkpoint_epoch=3.pt'}#swa_model")
+    assert swa.keys() == saved.keys()
+    moved = 0
+    for key, value in saved.items():
+        torch.testing.assert_close(swa[key], value, msg=key)
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (epoch2["model"][key] + epoch3["model"][key]) / 2, msg=key)
+            moved += not torch.equal(epoch2["model"][key], epoch3["model"][key])
+    assert moved  # epoch 3 changed the weights, so the average differs from both epochs
+
+
+def test_average_weights_command(trained, tmp_path, capsys):
+    """``python -m monai_dose average-weights``: the uniform average of checkpoints of one network, which loads
+    into it; another network or an unknown average is refused, naming the file, and nothing is written."""
+    models = trained / "models"
+    epochs = [models / f"checkpoint_epoch={e}.pt" for e in (1, 2)]
+    first, last = (torch.load(e, weights_only=True)["model"] for e in epochs)
+    out = tmp_path / "soup.pt"
+    assert main(["average-weights", str(out), *map(str, epochs)]) == 0
+    soup = torch.load(out, weights_only=True)
+    DCNN(2, 45, 1, channels=(4, 8, 16), dilations=(2, 3)).load_state_dict(soup)
+    moved = 0
+    for key, value in soup.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (first[key] + last[key]) / 2, msg=key)
+            moved += not torch.equal(first[key], last[key])
+    assert moved
+
+    other = tmp_path / "other.pt"
+    torch.save(DCNN(2, 45, 1, channels=(4, 8, 8), dilations=(2, 3)).state_dict(), other)
+    bad = tmp_path / "bad.pt"
+    assert main(["average-weights", str(bad), str(models / "model.pt"), str(other)]) == 1
+    assert f"{other}: not the network of" in capsys.readouterr().err
+    assert main(["average-weights", str(bad), f"{models / 'model.pt'}#ema_model"]) == 1
+    assert "holds no 'ema_model'" in capsys.readouterr().err
+    assert main(["average-weights", str(bad), f"{models / 'checkpoint_last.pt'}#best"]) == 1
+    assert "'#best' is not one of #ema_model, #swa_model" in capsys.readouterr().err
+    assert not bad.exists()
+
+
 @pytest.mark.parametrize("input_set", ["reference", "target_proximity"])
 def test_training_cache_holds_the_deterministic_preprocessing(input_set, openkbp_dir):
-    """The cache of the training set holds each volume loaded, its masks packed, its target proximity computed:
-    only slice sampling and augmentation are left for every epoch."""
+    """The cache of the training set holds each volume loaded, its masks packed, its target proximity computed,
+    slice-major (each axial slice contiguous, as the slice sampler reads them): only slice sampling and augmentation
+    are left for every epoch."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -144,6 +198,9 @@ def test_training_cache_holds_the_deterministic_preprocessing(input_set, openkbp
     cached = parser.get_parsed_content("train#dataset")._cache[0]
     assert cached["structures"].shape[0] == 1 and cached["structures"].dtype == torch.int16  # packed
     assert ("target_proximity" in cached) == (input_set == "target_proximity")
+    for key, volume in cached.items():
+        if isinstance(volume, torch.Tensor):
+            assert volume.movedim(-1, 0).is_contiguous(), key
     if input_set == "target_proximity":
         assert cached["target_proximity"].shape == (3, 128, 128, 128) and cached["target_proximity"].max() == 1
 
@@ -359,14 +416,17 @@ def test_predictor_from_bundle_matches_bundle_inference(trained, new_patients, t
     np.testing.assert_allclose(np.asanyarray(nib.load(tmp_path / "out" / "pt_201" / "dose.nii.gz").dataobj), dose)
 
 
-def test_two_process_ddp_training_on_cpu(tmp_path, openkbp_dir):
+@pytest.mark.parametrize("averaging", [[], ["--ema_momentum", "0.5"], ["--swa_start", "1"]], ids=["-", "ema", "swa"])
+def test_two_process_ddp_training_on_cpu(averaging, tmp_path, openkbp_dir):
     runner = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
     bundle_run(
         "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
-        *SMALL_DATA, *SMALL_RUN, *TINY, config=["train.json", "multi_gpu_train.json"], runner=runner,
+        *SMALL_DATA, *SMALL_RUN, *TINY, *averaging, config=["train.json", "multi_gpu_train.json"], runner=runner,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    assert (tmp_path / "models" / "model.pt").is_file()
+    DCNN(2, 45, 1, channels=(4, 8, 16), dilations=(2, 3)).load_state_dict(
+        torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    )  # the bare network, also when averaged
     assert epochs_done(tmp_path / "models" / "checkpoint_last.pt") == 1
 
 

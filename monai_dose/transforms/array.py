@@ -192,8 +192,11 @@ class UnpackMasks(Transform):
         p = convert_to_tensor(packed, track_meta=False)
         int_type = torch.int16 if self.num_masks <= 15 else torch.int32  # the narrowest is the fastest
         bits = (p.round() if p.is_floating_point() else p).to(int_type)
-        masks = [((bits >> bit) & 1).to(self.dtype) for bit in range(self.num_masks)]
-        return torch.stack(masks, self.channel_dim).flatten(self.channel_dim, self.channel_dim + 1)
+        dim = self.channel_dim
+        masks = torch.empty(*bits.shape[:dim], self.num_masks, *bits.shape[dim:], dtype=self.dtype, device=p.device)
+        for bit in range(self.num_masks):  # written in place: no per-mask tensors to stack
+            masks.select(dim, bit).copy_((bits >> bit) & 1)
+        return masks.flatten(dim, dim + 1)
 
 
 def _with_neighbours(volume: torch.Tensor, indices: torch.Tensor, neighbours: int) -> torch.Tensor:
@@ -203,12 +206,12 @@ def _with_neighbours(volume: torch.Tensor, indices: torch.Tensor, neighbours: in
     """
     offsets = torch.arange(-neighbours, neighbours + 1, device=volume.device)
     idx = (indices.to(volume.device)[:, None] + offsets).clamp(0, volume.shape[-1] - 1)  # (K, 2n+1)
-    slices = volume.movedim(-1, 0)  # (D, C, H, W): whole slices are read, contiguously if slice-major (SliceMajor)
-    if idx.numel() > volume.shape[-1]:  # most slices are read more than once: make them contiguous first
-        slices = slices.contiguous()
+    # (D * C, H, W) rows, a view of a slice-major volume (SliceMajor), else a copy
+    rows = volume.movedim(-1, 0).contiguous().flatten(0, 1)
     channels = torch.arange(volume.shape[0], device=volume.device)
-    stacks = slices[idx[:, None, :], channels[None, :, None]]  # (K, C, 2n+1, H, W), one gather
-    return stacks.flatten(1, 2).movedim(0, -1)
+    rows_wanted = idx[:, None, :] * volume.shape[0] + channels[None, :, None]  # (K, C, 2n+1)
+    stacks = rows.index_select(0, rows_wanted.flatten())  # whole slices, in the output's channel order
+    return stacks.unflatten(0, (len(idx), -1)).movedim(0, -1)
 
 
 class SliceNeighbours(Transform):
