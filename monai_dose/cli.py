@@ -31,6 +31,7 @@ def _predict_dicom(args: argparse.Namespace) -> None:
         out_dir=args.out,
         name_map=args.name_map,
         possible_dose_mask=args.possible_dose_mask,
+        rtplan=args.rtplan,
     )
 
 
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (RTDOSE.dcm, dose.nii.gz, dvh.csv)")
     p.add_argument("--name-map", type=Path, default=None, help="JSON file overriding the ROI name map")
     p.add_argument("--possible-dose-mask", default=None, help="ROI name of the possible-dose mask")
+    p.add_argument("--rtplan", type=Path, default=None, help="RT Plan file for the RTDOSE to reference")
     p.set_defaults(func=_predict_dicom)
 
     p = sub.add_parser("benchmark", help="inference and training speed and memory on this machine")

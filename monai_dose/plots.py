@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from monai_dose.data.openkbp import STRUCTURES
+from monai_dose.metrics import cumulative_dvh
 
 DVHCurves = Mapping[str, tuple[np.ndarray, np.ndarray]]
 """ROI name -> (dose in Gy, percentage of the ROI volume receiving at least that dose)."""
@@ -33,12 +34,11 @@ def dvh_curves(
         raise ValueError(f"structures shape {np.shape(structures)} must be ({len(names)}, *{dose.shape})")
     curves = {}
     for name, mask in zip(names, np.asarray(structures, dtype=bool), strict=True):
-        roi_dose = np.sort(dose[mask])
+        roi_dose = dose[mask]
         if roi_dose.size == 0:
             continue
-        bins = np.arange(0.0, roi_dose[-1] + 2 * bin_width, bin_width)
-        volume = 100.0 * (roi_dose.size - np.searchsorted(roi_dose, bins, side="left")) / roi_dose.size
-        curves[name] = (bins, volume)
+        bins = np.arange(0.0, roi_dose.max() + 2 * bin_width, bin_width)
+        curves[name] = (bins, cumulative_dvh(roi_dose, bins))
     return curves
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from monai.networks.nets import BasicUNet
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTDoseStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTDoseStorage, RTPlanStorage, generate_uid
 from rt_utils import RTStructBuilder
 
 from monai_dose.cli import main
@@ -225,6 +225,7 @@ def test_round_trip_matches_nifti_prediction(
     np.testing.assert_allclose(ds.pixel_array.max() * float(ds.DoseGridScaling), expected.max(), rtol=1e-9)
     ct_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in (folder / "ct").iterdir()}
     assert {item.ReferencedSOPInstanceUID for item in ds.ReferencedImageSequence} == ct_uids
+    assert "ReferencedRTPlanSequence" not in ds  # no plan given
 
     image = nib.load(out / "dose.nii.gz")
     assert nib.aff2axcodes(image.affine) == ("P", "L", "S")
@@ -295,6 +296,52 @@ def test_other_voxel_size_keeps_the_anatomy(openkbp_dir: Path, tmp_path: Path):
     assert report["fraction_inside"]["PTV70"] == {"model_grid": 1.0, "possible_dose_mask": 1.0}
     assert report["fraction_inside"]["SpinalCord"]["model_grid"] < 0.98  # the grid is 320 mm long, the CT 384
     np.testing.assert_allclose(np.abs(report["model_grid_affine_lps_mm"])[:3, :3].sum(0), [3.906, 3.906, 2.5])
+
+
+def write_rtplan(ct_dir: Path, path: Path, **attributes: str) -> Path:
+    """A minimal RT Plan of the CT's patient and frame of reference (``attributes`` override them)."""
+    first = pydicom.dcmread(next(ct_dir.iterdir()), stop_before_pixels=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = RTPlanStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RTPlanStorage, meta.MediaStorageSOPInstanceUID, "RTPLAN"
+    ds.PatientID, ds.FrameOfReferenceUID = first.PatientID, first.FrameOfReferenceUID
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_rtdose_references_the_given_rtplan(pt1: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    folder = pt1[0]
+    plan = write_rtplan(folder / "ct", tmp_path / "plan.dcm")
+    monkeypatch.setattr(DosePredictor, "from_bundle", lambda bundle, **kw: level_dose)
+    args = ["predict-dicom", "--ct", str(folder / "ct"), "--rtstruct", str(folder / "rtstruct.dcm")]
+    assert main([*args, "--out", str(tmp_path / "out"), "--rtplan", str(plan)]) == 0
+    ds, _ = read_rtdose(tmp_path / "out" / "RTDOSE.dcm")
+    (item,) = ds.ReferencedRTPlanSequence
+    assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (
+        RTPlanStorage,
+        pydicom.dcmread(plan).SOPInstanceUID,
+    )
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["rtplan"] == str(plan)
+
+
+@pytest.mark.parametrize(
+    "attributes, message",
+    [
+        ({"PatientID": "someone else"}, r"plan.dcm: PatientID 'someone else' is not the CT's"),
+        ({"FrameOfReferenceUID": "1.2.3"}, r"plan.dcm: FrameOfReferenceUID '1.2.3' is not the CT's"),
+        ({"SOPClassUID": RTDoseStorage}, r"plan.dcm: not an RT Plan"),
+    ],
+)
+def test_bad_rtplan_writes_nothing(attributes: dict, message: str, pt1: tuple[Path, dict], tmp_path: Path):
+    plan = write_rtplan(pt1[0] / "ct", tmp_path / "plan.dcm", **attributes)
+    with pytest.raises(ValueError, match=message):
+        predict_dicom(pt1[0] / "ct", pt1[0] / "rtstruct.dcm", level_dose, tmp_path / "out", rtplan=plan)
+    assert not (tmp_path / "out").exists()
 
 
 def corrupt(case: str, source: Path, work: Path) -> tuple[Path, Path]:

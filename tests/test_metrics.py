@@ -15,6 +15,7 @@ from monai_dose.metrics import (
     DoseScoreMetric,
     DVHScoreHandler,
     DVHScoreMetric,
+    cumulative_dvh,
     dose_error,
     dvh_abs_differences,
     dvh_metrics,
@@ -179,3 +180,9 @@ def test_handlers_in_a_supervised_evaluator():
     assert evaluator.state.metrics["dose_score"] == pytest.approx(np.mean(errors))
     assert evaluator.state.metrics["dvh_score"] == pytest.approx(dvh_score(ref_metrics, pred_metrics))
     assert evaluator.state.metric_details["dose_score"].flatten().tolist() == pytest.approx(errors)
+
+
+def test_cumulative_dvh_counts_voxels_at_or_above_each_level():
+    roi_dose = np.array([[3.0, 1.0], [4.0, 2.0]])  # any shape, any order
+    volume = cumulative_dvh(roi_dose, np.array([0.0, 2.0, 2.5, 4.0, 4.5]))
+    np.testing.assert_allclose(volume, [100, 75, 50, 25, 0])

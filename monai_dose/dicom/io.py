@@ -14,7 +14,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, RTDoseStorage, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    RTDoseStorage,
+    RTIonPlanStorage,
+    RTPlanStorage,
+    generate_uid,
+)
 from pydicom.valuerep import format_number_as_ds
 from rt_utils.image_helper import create_series_mask_from_contour_sequence
 
@@ -209,6 +216,25 @@ class StructureSet:
         return create_series_mask_from_contour_sequence(self.ct.slices, self.contours.get(number, []))
 
 
+def read_rtplan(path: str | os.PathLike, ct: CTSeries) -> Dataset:
+    """Read the RT Plan (or RT Ion Plan) a predicted dose is to be linked to, and check that it is of the CT's
+    patient and frame of reference; ``FileNotFoundError`` when absent, ``ValueError`` naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such RT Plan file")
+    ds = read_dicom(path, stop_before_pixels=True)
+    if ds.get("SOPClassUID") not in (RTPlanStorage, RTIonPlanStorage):
+        raise ValueError(f"{path}: not an RT Plan (SOP class {ds.get('SOPClassUID', 'missing')})")
+    reference = ct.slices[0]
+    for keyword in ("PatientID", "FrameOfReferenceUID"):
+        if ds.get(keyword) != reference.get(keyword):
+            raise ValueError(
+                f"{path}: {keyword} {ds.get(keyword)!r} is not the CT's ({reference.get(keyword)!r}): another "
+                "patient's or another setup's plan"
+            )
+    return ds
+
+
 def _reference(image: Dataset) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = image.SOPClassUID
@@ -220,15 +246,17 @@ def _ds(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
-def write_rtdose(dose: np.ndarray, ct: CTSeries, path: str | os.PathLike, description: str) -> Path:
+def write_rtdose(
+    dose: np.ndarray, ct: CTSeries, path: str | os.PathLike, description: str, plan: Dataset | None = None
+) -> Path:
     """Write ``dose`` (Gy, on the CT grid, ``(rows, columns, slices)``) as an RT Dose file.
 
     The dose grid is the CT's: one frame per CT slice, ImagePositionPatient of the first slice and a
     GridFrameOffsetVector relative to it starting at 0. Pixels are uint32 times DoseGridScaling, which is
     formatted as a decimal string before the pixels are computed from it. Patient, study and frame of
     reference are the CT's; the CT slices are referenced from ReferencedImageSequence. DoseSummationType is
-    ``PLAN`` without a ReferencedRTPlanSequence: a prediction has no plan, and planning systems ask for one
-    to be connected on import.
+    ``PLAN``; ReferencedRTPlanSequence references ``plan`` (see :func:`read_rtplan`) when given, and is absent
+    otherwise (a prediction has no plan of its own: planning systems then ask for one to be connected on import).
     """
     reference = ct.slices[0]
     now = datetime.datetime.now()
@@ -269,6 +297,8 @@ def write_rtdose(dose: np.ndarray, ct: CTSeries, path: str | os.PathLike, descri
     ds.InstanceNumber = 1
     ds.Manufacturer = "monai_dose"
     ds.ReferencedImageSequence = Sequence([_reference(image) for image in ct.slices])
+    if plan is not None:
+        ds.ReferencedRTPlanSequence = Sequence([_reference(plan)])
 
     positions = np.asarray([s.ImagePositionPatient for s in ct.slices], dtype=np.float64)
     offsets = (positions - positions[0]) @ (ct.affine[:3, 2] / ct.spacing[2])

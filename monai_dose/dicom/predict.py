@@ -12,13 +12,22 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from monai_dose.data.openkbp import GRID_SHAPE, STRUCTURES, TARGETS
 from monai_dose.inference import DosePredictor
-from monai_dose.metrics import dvh_metrics
+from monai_dose.metrics import cumulative_dvh, dvh_metrics
 
-from .io import CTSeries, StructureSet, read_ct_series, read_rtstruct, referenced_series_uid, write_rtdose
+from .io import (
+    CTSeries,
+    StructureSet,
+    read_ct_series,
+    read_rtplan,
+    read_rtstruct,
+    referenced_series_uid,
+    write_rtdose,
+)
 from .names import BODY_PATTERN, RoiMapping, load_name_map, map_roi_names, normalise_roi_name
 
 logger = logging.getLogger(__name__)
@@ -78,7 +87,7 @@ def _dvh_tables(
 ) -> tuple[list[list], dict[str, float | None]]:
     """Cumulative DVH table (header, then one row per 0.1 Gy) and OpenKBP DVH metrics, from CT-grid voxels."""
     levels = np.arange(0, dose.max() + DVH_BIN_GY, DVH_BIN_GY)
-    curves = [100 * (1 - np.searchsorted(np.sort(dose.flat[i]), levels - 1e-6) / i.size) for i in masks.values()]
+    curves = [cumulative_dvh(dose.flat[i], levels - 1e-6) for i in masks.values()]  # 1e-6: float steps of levels
     table = [["dose_gy", *(f"{s} (% volume)" for s in masks)]]
     table += [[round(float(d), 3), *(round(float(c[n]), 4) for c in curves)] for n, d in enumerate(levels)]
     # the metrics on the structures' bounding box: no 10-channel stack the size of the CT
@@ -168,13 +177,15 @@ def _coverage(
     return coverage
 
 
-def _write_outputs(out_dir: Path, ct: CTSeries, dose: np.ndarray, dvh: list[list], report: dict) -> dict[str, Path]:
+def _write_outputs(
+    out_dir: Path, ct: CTSeries, dose: np.ndarray, dvh: list[list], report: dict, plan: Dataset | None
+) -> dict[str, Path]:
     """Write the outputs into a temporary folder beside ``out_dir``, then move them into ``out_dir``."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     written = {}
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         staged = Path(tmp)
-        write_rtdose(dose, ct, staged / "RTDOSE.dcm", description="monai_dose predicted dose (research use)")
+        write_rtdose(dose, ct, staged / "RTDOSE.dcm", "monai_dose predicted dose (research use)", plan)
         ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ct.affine
         nib.save(nib.Nifti1Image(dose.astype(np.float32), ras), staged / "dose.nii.gz")
         with open(staged / "dvh.csv", "w", newline="") as f:
@@ -194,6 +205,7 @@ def predict_dicom(
     out_dir: str | os.PathLike,
     name_map: str | os.PathLike | Mapping[str, str | None] | None = None,
     possible_dose_mask: str | None = None,
+    rtplan: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Predict the dose of a DICOM CT series with its RTSTRUCT; write RTDOSE, NIfTI, DVH and a report.
 
@@ -212,6 +224,8 @@ def predict_dicom(
         out_dir: output folder.
         name_map: JSON file or mapping ``{"ROI name": "Structure" or None}`` applied before the default rules.
         possible_dose_mask: ROI to use as possible-dose mask (default: the body).
+        rtplan: RT Plan of the patient that the RTDOSE references (ReferencedRTPlanSequence), so that planning
+            systems link the dose to it on import.
 
     Returns:
         output file name -> path.
@@ -219,7 +233,8 @@ def predict_dicom(
     Raises:
         FileNotFoundError: a missing input.
         ValueError: a bad input (unreadable files, CT series problems, a frame of reference differing from the
-            CT's, no target contour), naming the problem and the file.
+            CT's, no target contour, an RT Plan of another patient or frame of reference), naming the problem and
+            the file.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -229,6 +244,7 @@ def predict_dicom(
     structure_ds = read_rtstruct(rtstruct)
     ct = read_ct_series(ct_dir, series_uid=referenced_series_uid(structure_ds))
     structure_set = StructureSet(structure_ds, rtstruct, ct)
+    plan = None if rtplan is None else read_rtplan(rtplan, ct)
     mapping = map_roi_names(structure_set.names, name_map)
     masks = _structure_masks(structure_set, mapping)
     body, body_rule = _body(ct, structure_set, mapping)
@@ -256,6 +272,7 @@ def predict_dicom(
     report = {
         "ct_series": str(ct.slices[0].SeriesInstanceUID),
         "rtstruct": str(structure_set.path),
+        "rtplan": None if rtplan is None else str(rtplan),
         "structures_found": mapping.found,
         "structures_missing": mapping.missing,
         "rois_ignored": mapping.ignored,
@@ -266,6 +283,6 @@ def predict_dicom(
         "dvh_convention": "voxel masks on the CT grid (rt-utils rasterisation), no partial volumes",
         "dvh_metrics_gy": metrics,
     }
-    written = _write_outputs(out_dir, ct, dose, dvh, report)
+    written = _write_outputs(out_dir, ct, dose, dvh, report, plan)
     logger.info("wrote %s", ", ".join(str(p) for p in written.values()))
     return written

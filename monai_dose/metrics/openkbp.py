@@ -80,6 +80,13 @@ def dvh_metrics(
     return metrics
 
 
+def cumulative_dvh(roi_dose: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Cumulative dose-volume histogram: the percentage of an ROI's voxels (``roi_dose``, Gy) receiving at least
+    each dose of ``levels`` (Gy)."""
+    roi_dose = np.sort(np.ravel(roi_dose))
+    return 100.0 * (roi_dose.size - np.searchsorted(roi_dose, levels, side="left")) / roi_dose.size
+
+
 def dvh_abs_differences(reference: DVHMetrics, prediction: DVHMetrics) -> np.ndarray:
     """|reference - prediction| of each of :data:`DVH_METRICS` (NaN where either is absent)."""
 
