@@ -14,6 +14,7 @@ import pytest
 from monai_dose.cli import main
 from monai_dose.data import convert
 from monai_dose.data.convert import convert_openkbp
+from monai_dose.data.openkbp import openkbp_affine
 
 PATIENTS = [
     ("training", "train", "pt_1"),
@@ -62,8 +63,9 @@ def test_dataset_json(converted, openkbp_dir):
     out = json.loads((dst / "dataset.json").read_text())
     ref = json.loads((openkbp_dir / "dataset.json").read_text())
     assert list(out) == list(ref)
-    for key in ("name", "description", "reference", "source_format", "files", "geometry", "structures"):
+    for key in ("name", "description", "reference", "source_format", "files", "structures"):
         assert out[key] == ref[key], key
+    assert "[[0,-s1,0,0],[-s0,0,0,0],[0,0,-s2,0],[0,0,0,1]]" in out["geometry"]
     assert out["oars"] + out["targets"] == out["structures"]
     assert out["excluded_incomplete"] == {"training": [], "validation": []}
     for section, _, pid in PATIENTS:
@@ -157,3 +159,21 @@ def test_no_partial_patient_on_write_error(one_patient, tmp_path, monkeypatch):
 def test_missing_source(tmp_path, capsys):
     assert main(["convert-openkbp", str(tmp_path), str(tmp_path / "dst")]) == 1
     assert "no train-pats/, validation-pats/, test-pats/ folder" in capsys.readouterr().err
+
+
+def test_affine_is_anatomical(converted, openkbp_csv_dir):
+    """Array axes anterior->posterior, right->left, superior->inferior: axis codes P, L, I with the spacing of
+    voxel_dimensions.csv in mm, for the converted patients and the example patient shipped in examples/."""
+    dst, _ = converted
+    csv_folders = {"train": "train-pats", "validation": "validation-pats"}
+    pairs = [
+        (dst / folder / pid / "ct.nii.gz", openkbp_csv_dir / csv_folders[folder] / pid) for _, folder, pid in PATIENTS
+    ]
+    example = Path(__file__).parents[1] / "examples" / "pt_201" / "ct.nii.gz"
+    pairs.append((example, openkbp_csv_dir / "validation-pats" / "pt_201"))
+    for file, csv_folder in pairs:
+        image = nib.load(file)
+        assert nib.aff2axcodes(image.affine) == ("P", "L", "I"), file
+        assert image.header.get_xyzt_units()[0] == "mm", file
+        spacing = np.loadtxt(csv_folder / "voxel_dimensions.csv")
+        np.testing.assert_allclose(image.affine, openkbp_affine(spacing), err_msg=str(file))

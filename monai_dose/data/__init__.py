@@ -2,6 +2,7 @@
 
 from .dlmi import DLMI_FILES, dlmi_loader, load_dlmi_datalist
 from .openkbp import (
+    AXES_RAS,
     DOSE_KEY,
     GRID_SHAPE,
     IMAGE_KEYS,
@@ -10,10 +11,12 @@ from .openkbp import (
     TARGET_DOSES_GY,
     TARGETS,
     load_openkbp_datalist,
+    openkbp_affine,
     patient_folder_datalist,
 )
 
 __all__ = [
+    "AXES_RAS",
     "DOSE_KEY",
     "GRID_SHAPE",
     "IMAGE_KEYS",
@@ -25,5 +28,6 @@ __all__ = [
     "dlmi_loader",
     "load_dlmi_datalist",
     "load_openkbp_datalist",
+    "openkbp_affine",
     "patient_folder_datalist",
 ]

@@ -15,7 +15,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..utils import write_atomic
-from .openkbp import DOSE_KEY, GRID_SHAPE, OARS, SPLITS, STRUCTURES, TARGETS
+from .openkbp import DOSE_KEY, GRID_SHAPE, OARS, SPLITS, STRUCTURES, TARGETS, openkbp_affine
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ _METADATA = {
         "structures": "uint8 {0,1}, 4D (128,128,128,10), last axis = the 'structures' list; "
         "an all-zero channel means the ROI was not contoured",
     },
-    "geometry": "128x128x128 grid; affine = diag(voxel_dimensions in mm); "
-    "array axis 2 is the cranio-caudal (slice) axis",
+    "geometry": "128x128x128 grid; array axes anterior->posterior, right->left, superior->inferior; "
+    "affine [[0,-s1,0,0],[-s0,0,0,0],[0,0,-s2,0],[0,0,0,1]] (RAS+, mm; axis codes P, L, I) with s the "
+    "voxel_dimensions; array axis 2 is the cranio-caudal (slice) axis",
     "structures": list(STRUCTURES),
     "oars": list(OARS),
     "targets": list(TARGETS),
@@ -106,9 +107,13 @@ def _convert_patient(src: Path, dst: Path, with_dose: bool) -> list[float]:
     }
     if with_dose:
         images[DOSE_KEY] = _read_sparse_csv(src / "dose.csv", np.float32)
-    affine = np.diag([*spacing, 1.0])
+    affine = openkbp_affine(spacing)
     for key, array in images.items():
-        nib.save(nib.Nifti1Image(array, affine), dst / f"{key}.nii.gz")
+        image = nib.Nifti1Image(array, affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        image.header.set_xyzt_units("mm")
+        nib.save(image, dst / f"{key}.nii.gz")
     return spacing
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from monai.data import load_decathlon_datalist
 
 OARS: tuple[str, ...] = (
@@ -21,12 +23,25 @@ STRUCTURES: tuple[str, ...] = OARS + TARGETS
 """Channel order of ``structures.nii.gz`` (and of the DLMI ``structure_masks.npy``)."""
 TARGET_DOSES_GY: dict[str, float] = {"PTV56": 56.0, "PTV63": 63.0, "PTV70": 70.0}
 GRID_SHAPE: tuple[int, int, int] = (128, 128, 128)
+AXES_RAS = np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+"""World (RAS+) direction of each OpenKBP array axis, as columns: axis 0 runs anterior -> posterior, axis 1
+patient right -> left, axis 2 superior -> inferior (axis codes P, L, I). Read from the anatomy of every complete
+OpenKBP patient: Mandible before SpinalCord on axis 0, RightParotid before LeftParotid on axis 1, Brainstem
+before Esophagus on axis 2."""
 
 IMAGE_KEYS: tuple[str, ...] = ("ct", "structures", "possible_dose_mask")
 """Per-patient inputs, one NIfTI file each (``<key>.nii.gz``)."""
 DOSE_KEY = "dose"
 SPLITS: dict[str, str] = {"training": "train", "validation": "validation", "test": "test"}
 """Datalist section -> patient folder name."""
+
+
+def openkbp_affine(voxel_dimensions: Sequence[float]) -> np.ndarray:
+    """The voxel-to-world (RAS+, mm) affine of an OpenKBP volume with ``voxel_dimensions`` (mm, axes 0, 1, 2):
+    ``[[0, -s1, 0, 0], [-s0, 0, 0, 0], [0, 0, -s2, 0], [0, 0, 0, 1]]`` (:data:`AXES_RAS`)."""
+    affine = np.eye(4)
+    affine[:3, :3] = AXES_RAS * np.asarray(voxel_dimensions, dtype=float)
+    return affine
 
 
 def load_openkbp_datalist(dataset_dir: str | Path, split: str = "training") -> list[dict]:

@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from monai_dose.data.openkbp import GRID_SHAPE, STRUCTURES, TARGETS
+from monai_dose.data.openkbp import AXES_RAS, GRID_SHAPE, STRUCTURES, TARGETS
 from monai_dose.inference import DosePredictor
 from monai_dose.metrics import cumulative_dvh, dvh_metrics
 
@@ -34,10 +34,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_SPACING_MM: tuple[float, float, float] = (3.906, 3.906, 2.5)
 """Voxel size of the model grid: the most common OpenKBP voxel size."""
-MODEL_AXES = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]]).T
-"""Patient (LPS) direction of each model-grid axis, as columns: OpenKBP arrays run anterior -> posterior,
-right -> left and superior -> inferior (seen in the OpenKBP structures: Mandible before SpinalCord on axis
-0, RightParotid before LeftParotid on axis 1, Brainstem before Esophagus on axis 2)."""
+MODEL_AXES = np.diag([-1.0, -1.0, 1.0]) @ AXES_RAS
+"""Patient (LPS) direction of each model-grid axis, as columns: the OpenKBP array axes (:data:`AXES_RAS`)."""
 BODY_THRESHOLD_HU = -400.0
 """Without a body ROI, the body is the largest connected region above this CT number."""
 DVH_BIN_GY = 0.1
