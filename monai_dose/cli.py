@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, PermissionError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -13,6 +13,29 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def patient_path(root: str | os.PathLike, patient_id: object, *parts: str) -> Path:
+    """``root/<patient_id>/<parts...>``, refusing a ``patient_id`` that is not a single path component (empty,
+    ``.``, ``..``, holding a path separator, or absolute), so that no writer can be led outside ``root``."""
+    text = str(patient_id)
+    if text in ("", ".", "..") or "/" in text or "\\" in text:
+        raise ValueError(f"patient id {text!r} is not a single folder name (no path separators, '.' or '..')")
+    return Path(root, text, *parts)
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` if needed and check that a file can be written in it, before any long work; raises
+    ``PermissionError`` naming it otherwise."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".tmp{os.getpid()}.write-check"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"{directory}: cannot write there ({err.strerror or err})") from err
+    return directory
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write`` on a temporary file beside ``path`` (same suffixes), then move it to ``path``.
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from monai_dose import evaluation
 from monai_dose.cli import main
+from monai_dose.evaluation import evaluate_patient, write_evaluation
 from monai_dose.metrics import DVH_METRICS
 from monai_dose.plots import dvh_curves
 
@@ -105,3 +109,112 @@ def test_missing_or_unknown_predictions(openkbp_dir: Path, tmp_path: Path, capsy
     (predictions / "pt_999.nii.gz").touch()
     code, err = run_evaluate(capsys, openkbp_dir, predictions, tmp_path / "out")
     assert code == 1 and "pt_999" in err and "validation" in err
+
+
+@pytest.fixture
+def pt_201_dose(oracle_dir: Path) -> nib.Nifti1Image:
+    """The oracle prediction of pt_201, to corrupt."""
+    return nib.load(oracle_dir / "pt_201" / "prediction.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        (np.nan, "1 NaN or infinite dose value(s)"),
+        (np.inf, "1 NaN or infinite dose value(s)"),
+        (-1.0, "1 negative dose value(s), down to -1 Gy"),
+    ],
+)
+def test_garbage_dose_refused(
+    openkbp_dir: Path, pt_201_dose: nib.Nifti1Image, tmp_path: Path, capsys: pytest.CaptureFixture, value, message
+):
+    """A NaN, infinite or negative value in a target is an error naming the patient and the file, not a score."""
+    ptv70 = np.asarray(nib.load(openkbp_dir / "validation" / "pt_201" / "structures.nii.gz").dataobj)[..., -1]
+    dose = np.asarray(pt_201_dose.dataobj, dtype=np.float32)
+    dose[tuple(np.argwhere(ptv70)[0])] = value
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    nib.save(nib.Nifti1Image(dose, pt_201_dose.affine), predictions / "pt_201.nii.gz")
+    out = tmp_path / "out"
+    code, err = run_evaluate(capsys, openkbp_dir, predictions, out)
+    assert code == 1
+    assert f"error: pt_201: {predictions / 'pt_201.nii.gz'}: {message}" in err
+    assert not (out / "scores.json").exists() and not (out / "dvh").exists()
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_empty_or_truncated_prediction(
+    openkbp_dir: Path, oracle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, keep: float
+):
+    """An empty or truncated file (a copy cut short) is an error naming the patient and the file."""
+    data = (oracle_dir / "pt_201" / "prediction.nii.gz").read_bytes()
+    prediction = tmp_path / "predictions" / "pt_201" / "dose.nii.gz"
+    prediction.parent.mkdir(parents=True)
+    prediction.write_bytes(data[: int(len(data) * keep)])
+    out = tmp_path / "out"
+    code, err = run_evaluate(capsys, openkbp_dir, tmp_path / "predictions", out)
+    assert code == 1 and f"error: pt_201: {prediction}: unreadable, truncated or not NIfTI" in err
+    assert not (out / "scores.json").exists()
+
+
+def test_hidden_temporary_files_skipped(
+    openkbp_dir: Path, oracle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+):
+    """The hidden temporary files of a killed inference are skipped with a warning; the good prediction is scored."""
+    predictions = tmp_path / "predictions"
+    (predictions / "pt_201").mkdir(parents=True)
+    shutil.copy(oracle_dir / "pt_201" / "prediction.nii.gz", predictions / "pt_201" / "dose.nii.gz")
+    hidden = [predictions / "pt_201" / ".tmp123.dose.nii.gz", predictions / ".tmp123.pt_202.nii.gz"]
+    for path in hidden:
+        path.touch()
+    with caplog.at_level(logging.WARNING, logger="monai_dose.evaluation"):
+        code, err = run_evaluate(capsys, openkbp_dir, predictions, tmp_path / "out")
+    assert code == 0, err
+    for path in hidden:
+        assert f"{path}: hidden file skipped (the temporary file of an interrupted run?)" in caplog.messages
+    assert list(json.loads((tmp_path / "out" / "scores.json").read_text())["dose_error_per_patient"]) == ["pt_201"]
+
+
+@pytest.mark.parametrize("bad_id", ["../escaped", "/abs"])
+def test_datalist_id_that_is_a_path(
+    openkbp_dir: Path, oracle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, bad_id: str
+):
+    """A datalist id that is not a single file name is an error naming it and the datalist; nothing is written."""
+    files = {k: str(openkbp_dir / "validation" / "pt_201" / f"{k}.nii.gz") for k in ("dose", "possible_dose_mask")}
+    files["structures"] = str(openkbp_dir / "validation" / "pt_201" / "structures.nii.gz")
+    data = tmp_path / "data"
+    data.mkdir()
+    datalist = {"validation": [{"id": "pt_201", **files}, {"id": bad_id, **files}]}
+    (data / "dataset.json").write_text(json.dumps(datalist))
+    out = tmp_path / "out"
+    code, err = run_evaluate(capsys, data, oracle_dir, out)
+    assert code == 1 and f"error: {data / 'dataset.json'}: 'validation' list: patient id {bad_id!r}" in err
+    assert not out.exists() and not list(tmp_path.glob("escaped*"))
+
+
+@pytest.mark.parametrize("bad_id", ["../../escaped", "/abs"])
+def test_write_evaluation_refuses_id_that_is_a_path(tmp_path: Path, bad_id: str):
+    """No plot is written outside ``out_dir`` by an id holding a path; nothing is written at all."""
+    dose = np.ones((4, 5, 5))
+    structures = np.zeros((10, *dose.shape), dtype=np.uint8)
+    structures[-1] = 1
+    bad_id = str(tmp_path / "abs") if bad_id == "/abs" else bad_id
+    result = evaluate_patient(bad_id, dose, dose, np.ones_like(dose), structures, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=re.escape(f"patient id {bad_id!r} is not a single folder name")):
+        write_evaluation([result], tmp_path / "out")
+    assert not list(tmp_path.rglob("*"))
+
+
+def test_unwritable_out_found_before_scoring(
+    openkbp_dir: Path, oracle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """An --out that cannot be created is reported before any prediction is read."""
+    (tmp_path / "file").touch()
+    out = tmp_path / "file" / "out"
+
+    def no_scoring(*args):
+        raise AssertionError("a patient was scored before the output folder was checked")
+
+    monkeypatch.setattr(evaluation, "_load_patient", no_scoring)
+    with pytest.raises(PermissionError, match=re.escape(f"{out}: cannot write there")):
+        evaluation.evaluate_predictions(openkbp_dir, oracle_dir, out)
