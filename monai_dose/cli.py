@@ -11,7 +11,7 @@ from pathlib import Path
 def _convert(args: argparse.Namespace) -> None:
     from .data.convert import convert_openkbp
 
-    convert_openkbp(args.src, args.dst)
+    convert_openkbp(args.src, args.dst, overwrite=args.overwrite)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-openkbp", help="OpenKBP CSV `provided-data` folder -> NIfTI dataset")
     p.add_argument("src", type=Path, help="folder holding train-pats/, validation-pats/ and/or test-pats/")
     p.add_argument("dst", type=Path, help="output dataset folder (dataset.json and one folder per patient)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="convert into a dst already holding a dataset: replace the patients converted again, keep the others",
+    )
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("evaluate", help="OpenKBP dose and DVH scores of predicted doses")

@@ -122,6 +122,8 @@ def _replace_line(path: Path, line: int, text: str) -> None:
         ("PTV70.csv", 0, "index,data", "header 'index,data', expected ',data'"),
         ("voxel_dimensions.csv", 2, "", "expected 3 positive voxel sizes"),
         ("voxel_dimensions.csv", 0, "abc", "could not convert string 'abc'"),
+        ("dose.csv", 5, "565029,1.0", "line 6: index 565029 already given on line 2"),
+        ("possible_dose_mask.csv", 3, "565029,", "line 4: index 565029 already given on line 2"),
     ],
 )
 def test_malformed_csv(one_patient, tmp_path, capsys, name, line, text, message):
@@ -139,7 +141,58 @@ def test_malformed_csv(one_patient, tmp_path, capsys, name, line, text, message)
     assert not (dst / "train" / "pt_1").exists() and (dst / "train" / "pt_2" / "ct.nii.gz").is_file()
     assert not list(dst.glob(".tmp*")), "a temporary file or folder was left behind"
     with pytest.raises(ValueError, match=name):
-        convert_openkbp(tmp_path / "src", dst)
+        convert_openkbp(tmp_path / "src", dst, overwrite=True)
+
+
+def test_existing_dataset_refused_without_overwrite(one_patient, tmp_path, capsys):
+    """A second conversion into a converted dataset leaves its dataset.json and patient folders untouched."""
+    dst = tmp_path / "dst"
+    assert main(["convert-openkbp", str(tmp_path / "src"), str(dst)]) == 0
+    dataset, ct = (dst / "dataset.json").read_bytes(), (dst / "train" / "pt_1" / "ct.nii.gz").stat()
+    capsys.readouterr()
+    assert main(["convert-openkbp", str(tmp_path / "src"), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {dst / 'dataset.json'}: the folder already holds a converted dataset; pass --overwrite" in err
+    assert (dst / "dataset.json").read_bytes() == dataset
+    assert (dst / "train" / "pt_1" / "ct.nii.gz").stat() == ct
+    assert not list(dst.glob(".tmp*"))
+
+
+def test_overwrite_merges(one_patient, tmp_path, caplog):
+    """--overwrite replaces the patients converted again and keeps the others of the earlier dataset.json."""
+    train = one_patient.parent
+    shutil.copytree(one_patient, train / "pt_2")
+    shutil.copytree(one_patient, train / "pt_3")
+    (train / "pt_3" / "ct.csv").unlink()
+    dst = tmp_path / "dst"
+    assert main(["convert-openkbp", str(tmp_path / "src"), str(dst)]) == 0
+    earlier = json.loads((dst / "dataset.json").read_text())
+
+    second = tmp_path / "second" / "train-pats"
+    shutil.copytree(train / "pt_2", second / "pt_2")
+    _replace_line(second / "pt_2" / "ct.csv", 1, "532261,1234")
+    shutil.copytree(one_patient, second.parent / "test-pats" / "pt_241")
+    (second.parent / "test-pats" / "pt_241" / "dose.csv").unlink()
+    with caplog.at_level(logging.INFO, logger="monai_dose.data.convert"):
+        assert main(["convert-openkbp", "--overwrite", str(second.parent), str(dst)]) == 0
+    assert "training: merged with the earlier dataset.json: replaced pt_2; kept pt_1" in caplog.messages
+    data = json.loads((dst / "dataset.json").read_text())
+    assert data["training"] == earlier["training"]  # the same entries, pt_1 then pt_2
+    assert [e["id"] for e in data["test"]] == ["pt_241"]
+    assert data["excluded_incomplete"] == {"training": ["pt_3"], "test": []}
+    assert data["source_format"] == "OpenKBP provided-data CSV (train-pats, test-pats)"
+    assert np.asarray(nib.load(dst / "train" / "pt_2" / "ct.nii.gz").dataobj).flat[532261] == 1234
+    assert np.asarray(nib.load(dst / "train" / "pt_1" / "ct.nii.gz").dataobj).flat[532261] == 18
+    assert not list(dst.glob(".tmp*"))
+
+
+def test_patient_folder_name_that_is_not_a_file_name(one_patient, tmp_path, capsys):
+    """A source folder whose name is not a single path component on every system is refused before any write."""
+    bad = one_patient.rename(one_patient.parent / "pt\\1")
+    dst = tmp_path / "dst"
+    assert main(["convert-openkbp", str(tmp_path / "src"), str(dst)]) == 1
+    assert f"error: {bad}: patient id 'pt\\\\1' is not a single folder name" in capsys.readouterr().err
+    assert not dst.exists()
 
 
 def test_no_partial_patient_on_write_error(one_patient, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..utils import write_atomic
+from ..utils import patient_path, write_atomic
 from .openkbp import DOSE_KEY, GRID_SHAPE, OARS, SPLITS, STRUCTURES, TARGETS, openkbp_affine
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,13 @@ def _read_sparse_csv(path: Path, dtype: type | None = None) -> np.ndarray:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise ValueError(f"{path}: line {row + 2}: value {data[row]:.15g} missing or not a valid {np.dtype(dtype)}")
+    flat = index.astype(np.int64)
+    repeated = np.bincount(flat, minlength=_N_VOXELS)[flat] > 1
+    if repeated.any():
+        first, second = np.flatnonzero(flat == flat[np.argmax(repeated)])[:2]
+        raise ValueError(f"{path}: line {second + 2}: index {flat[first]} already given on line {first + 2}")
     out = np.zeros(_N_VOXELS, dtype=dtype or np.uint8)
-    out[index.astype(np.int64)] = 1 if dtype is None else data
+    out[flat] = 1 if dtype is None else data
     return out.reshape(GRID_SHAPE)
 
 
@@ -117,12 +122,54 @@ def _convert_patient(src: Path, dst: Path, with_dose: bool) -> list[float]:
     return spacing
 
 
-def _natural_key(path: Path) -> list:
+def _natural_key(name: str) -> list:
     """Sort key putting ``pt_2`` before ``pt_10``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def convert_openkbp(src: str | Path, dst: str | Path) -> dict:
+def _earlier_dataset(datalist: Path, overwrite: bool) -> dict:
+    """The ``dataset.json`` of an earlier conversion into the same folder (``{}`` if none), refused unless
+    ``overwrite``."""
+    if not datalist.is_file():
+        return {}
+    if not overwrite:
+        raise ValueError(
+            f"{datalist}: the folder already holds a converted dataset; pass --overwrite to convert into it (patients "
+            "converted again are replaced, the others kept)"
+        )
+    try:
+        return json.loads(datalist.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{datalist}: not a readable dataset.json ({err}); remove it or convert elsewhere") from err
+
+
+def _merge(
+    earlier: dict, converted: dict[str, list[dict]], excluded: dict[str, list[str]], malformed: dict[str, dict]
+) -> tuple[dict[str, list[dict]], dict[str, list[str]], dict[str, dict]]:
+    """This run's ``converted``, ``excluded`` and ``malformed`` patients per section, with those of the ``earlier``
+    ``dataset.json`` (may be empty) that this run did not convert; logs which were replaced and which kept."""
+    merged: tuple[dict, dict, dict] = ({}, {}, {})
+    for section in SPLITS:
+        old = {e["id"]: e for e in earlier.get(section, [])}
+        if section not in converted and section not in earlier:
+            continue
+        new = {e["id"]: e for e in converted.get(section, [])}
+        if old:
+            replaced, kept = [i for i in old if i in new], [i for i in old if i not in new]
+            logger.info(
+                f"{section}: merged with the earlier dataset.json: replaced {', '.join(replaced) or 'none'}; "
+                f"kept {', '.join(kept) or 'none'}"
+            )
+        entries = {**old, **new}
+        merged[0][section] = sorted(entries.values(), key=lambda e: _natural_key(e["id"]))
+        skipped = set(earlier.get("excluded_incomplete", {}).get(section, [])) | set(excluded.get(section, []))
+        merged[1][section] = sorted(skipped - entries.keys(), key=_natural_key)
+        bad = {**earlier.get("excluded_malformed", {}).get(section, {}), **malformed.get(section, {})}
+        merged[2][section] = {i: problem for i, problem in bad.items() if i not in entries}
+    return merged
+
+
+def convert_openkbp(src: str | Path, dst: str | Path, overwrite: bool = False) -> dict:
     """Convert an OpenKBP ``provided-data`` folder to NIfTI patient folders and a ``dataset.json``.
 
     ``src/{train,validation,test}-pats/pt_N/*.csv`` become ``dst/{train,validation,test}/pt_N/*.nii.gz``
@@ -132,25 +179,36 @@ def convert_openkbp(src: str | Path, dst: str | Path) -> dict:
     and listed under ``excluded_malformed``; the others are still converted. Each patient is written to a
     temporary folder in ``dst`` and moved into place when complete, so an error leaves no partial patient folder.
 
+    A ``dst`` already holding a ``dataset.json`` is refused unless ``overwrite``; then this run is merged into it:
+    the patients it converts are replaced, those of earlier runs that it does not convert are kept (both logged).
+
     Returns:
         ``{"converted": {split: [ids]}, "excluded": {split: [ids]}, "dataset": <dataset.json path>}``.
 
     Raises:
         FileNotFoundError: ``src`` holds no ``*-pats`` folder.
-        ValueError: after writing ``dataset.json`` of the converted patients, when some had a malformed CSV; the
-            message names each file and its problem.
+        ValueError: before writing anything, when ``dst`` holds a ``dataset.json`` and not ``overwrite``, or a
+            patient folder name is not a single file name; after writing ``dataset.json`` of the converted patients,
+            when some had a malformed CSV; the message names each file and its problem.
     """
     src, dst = Path(src), Path(dst)
     sources = {s: src / f"{folder}-pats" for s, folder in SPLITS.items()}
     sources = {s: folder for s, folder in sources.items() if folder.is_dir()}
     if not sources:
         raise FileNotFoundError(f"{src}: no {', '.join(f'{f}-pats/' for f in SPLITS.values())} folder")
-    jobs = [(s, p) for s, f in sources.items() for p in sorted(f.iterdir(), key=_natural_key) if p.is_dir()]
+    jobs = []  # (section, source folder, patient folder in dst)
+    for section, folder in sources.items():
+        for patient in sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)):
+            try:
+                jobs.append((section, patient, patient_path(dst / SPLITS[section], patient.name)))
+            except ValueError as err:
+                raise ValueError(f"{patient}: {err}") from None
+    earlier = _earlier_dataset(dst / "dataset.json", overwrite)
     converted: dict[str, list[dict]] = {s: [] for s in sources}
     excluded: dict[str, list[str]] = {s: [] for s in sources}
     malformed: dict[str, dict[str, str]] = {s: {} for s in sources}
     dst.mkdir(parents=True, exist_ok=True)
-    for section, patient in tqdm(jobs, desc="convert-openkbp", unit="patient"):
+    for section, patient, target in tqdm(jobs, desc="convert-openkbp", unit="patient"):
         with_dose = section != "test" or (patient / "dose.csv").is_file()
         missing = [f for f in _REQUIRED + ("dose.csv",) * with_dose if not (patient / f).is_file()]
         if missing:
@@ -163,9 +221,9 @@ def convert_openkbp(src: str | Path, dst: str | Path) -> dict:
         tmp.mkdir()
         try:
             spacing = _convert_patient(patient, tmp, with_dose)
-            (dst / SPLITS[section]).mkdir(exist_ok=True)
-            shutil.rmtree(dst / rel, ignore_errors=True)
-            os.replace(tmp, dst / rel)
+            target.parent.mkdir(exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
         except ValueError as err:
             logger.error(f"{err}; patient skipped")
             malformed[section][patient.name] = str(err)
@@ -176,19 +234,20 @@ def convert_openkbp(src: str | Path, dst: str | Path) -> dict:
         entry = {"id": patient.name, **{k: f"{rel}/{k}.nii.gz" for k in keys}, "voxel_dimensions": spacing}
         converted[section].append(entry)
 
-    folders = ", ".join(p.name for p in sources.values())
-    metadata = dict(_METADATA, source_format=_METADATA["source_format"].format(folders))
-    if any(malformed.values()):
-        metadata["excluded_malformed"] = malformed
-    dataset = dict(metadata, excluded_incomplete=excluded, **converted)
-    write_atomic(dst / "dataset.json", lambda p: p.write_text(json.dumps(dataset, indent=1)))
     problems = [problem for section in malformed.values() for problem in section.values()]
+    summary = {s: [e["id"] for e in entries] for s, entries in converted.items()}
+    sections, skipped, bad = _merge(earlier, converted, excluded, malformed)
+    folders = ", ".join(f"{SPLITS[s]}-pats" for s in sections)
+    metadata = dict(_METADATA, source_format=_METADATA["source_format"].format(folders))
+    if any(bad.values()):
+        metadata["excluded_malformed"] = bad
+    dataset = dict(metadata, excluded_incomplete=skipped, **sections)
+    write_atomic(dst / "dataset.json", lambda p: p.write_text(json.dumps(dataset, indent=1)))
     if problems:
         raise ValueError(
             f"{len(problems)} patient(s) not converted, the others are listed in {dst / 'dataset.json'}: "
             + "; ".join(problems)
         )
-    summary = {s: [e["id"] for e in entries] for s, entries in converted.items()}
     counts = ", ".join(f"{s} {len(ids)} (excluded {len(excluded[s])})" for s, ids in summary.items())
     logger.info(f"converted {counts} -> {dst / 'dataset.json'}")
     return {"converted": summary, "excluded": excluded, "dataset": str(dst / "dataset.json")}
