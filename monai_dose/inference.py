@@ -13,14 +13,27 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.inferers import Inferer, SimpleInferer
 from monai.utils import convert_to_numpy
 from tqdm import tqdm
 
 from .data.openkbp import IMAGE_KEYS, STRUCTURES
 from .inferers import AxialSliceInferer
-from .transforms import PROXIMITY_SET, DoseInput, MaskDose, SliceNeighbours, TargetProximity, input_channel_names
-from .utils import write_atomic
+from .transforms import (
+    PROXIMITY_SET,
+    BinariseMask,
+    DoseInput,
+    EnsureOpenKBPCT,
+    MaskDose,
+    RequireTargets,
+    SliceNeighbours,
+    TargetProximity,
+    check_voxel_spacing,
+    input_channel_names,
+    source_name,
+)
+from .utils import check_writable, patient_path, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -186,23 +199,35 @@ class DosePredictor:
         return pred.float()
 
     def prepare(
-        self, ct, structures, possible_dose_mask, voxel_spacing: Sequence[float] | None = None
+        self,
+        ct,
+        structures,
+        possible_dose_mask,
+        voxel_spacing: Sequence[float] | None = None,
+        mask_threshold: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check the inputs (see :meth:`__call__`) and assemble the network input on the predictor's device;
-        returns ``(image, mask)``."""
-        if voxel_spacing is None and isinstance(structures, MetaTensor):
-            voxel_spacing = [float(v) for v in structures.pixdim[:3]]
-        ct_t, struct_t, mask_t = (
-            torch.as_tensor(np.asarray(a)).to(self.device).float() for a in (ct, structures, possible_dose_mask)
-        )
-        mask_t = mask_t[None]
-        if struct_t.ndim != 4 or struct_t.shape[-1] != len(STRUCTURES):
+        """Check and normalise the inputs (see :meth:`__call__` and :mod:`monai_dose.transforms.inputs`) and
+        assemble the network input on the predictor's device; returns ``(image, mask)``."""
+        if np.ndim(structures) != 4 or np.shape(structures)[-1] != len(STRUCTURES):
             raise ValueError(
                 f"structures must be (H, W, D, {len(STRUCTURES)}) in the order {', '.join(STRUCTURES)}; "
-                f"got shape {tuple(struct_t.shape)}"
+                f"got shape {tuple(np.shape(structures))}"
             )
-        if ct_t.ndim != 3:
-            raise ValueError(f"ct must be a 3D volume (H, W, D), got shape {tuple(ct_t.shape)}")
+        if np.ndim(ct) != 3:
+            raise ValueError(f"ct must be a 3D volume (H, W, D), got shape {tuple(np.shape(ct))}")
+        if voxel_spacing is not None:
+            voxel_spacing = check_voxel_spacing(voxel_spacing)
+        elif isinstance(structures, MetaTensor):
+            spacing = affine_to_spacing(structures.affine, r=3, suppress_zeros=False)  # pixdim shows a 0 as 1
+            voxel_spacing = check_voxel_spacing(spacing, name=source_name(structures, "structures"))
+        binarise = BinariseMask(mask_threshold)
+        structures = RequireTargets(channel_dim=-1)(binarise(structures, "structures"))
+        possible_dose_mask = binarise(possible_dose_mask, "possible_dose_mask")
+        ct_t, struct_t, mask_t = (
+            torch.as_tensor(np.asarray(a)).to(self.device).float()
+            for a in (EnsureOpenKBPCT()(ct), structures, possible_dose_mask)
+        )
+        mask_t = mask_t[None]
         if not torch.isfinite(ct_t).all():
             raise ValueError("the CT contains NaN or infinite values")
         if not (mask_t > 0).any():
@@ -239,17 +264,22 @@ class DosePredictor:
         structures: np.ndarray | torch.Tensor,
         possible_dose_mask,
         voxel_spacing: Sequence[float] | None = None,
+        mask_threshold: float | None = None,
     ) -> np.ndarray:
         """Predict the dose in Gy (float32, ``H, W, D``), >= 0 and zero outside the possible-dose mask.
 
         Args:
-            ct: ``(H, W, D)`` OpenKBP CT values (Hounsfield units + 1024).
-            structures: ``(H, W, D, 10)`` binary masks in :data:`monai_dose.data.STRUCTURES` order.
-            possible_dose_mask: ``(H, W, D)`` binary mask of where dose may be non-zero.
+            ct: ``(H, W, D)`` OpenKBP CT values (Hounsfield units + 1024); a CT in Hounsfield units (air near
+                -1000) is converted, with a warning.
+            structures: ``(H, W, D, 10)`` masks in :data:`monai_dose.data.STRUCTURES` order, with at least one
+                target; any non-zero voxel is inside (values other than 0/1 are warned about).
+            possible_dose_mask: ``(H, W, D)`` mask of where dose may be non-zero, read as ``structures``.
             voxel_spacing: in mm, needed by the ``target_proximity`` input set unless ``structures`` is a
                 ``MetaTensor`` (whose affine gives it).
+            mask_threshold: voxels ``>= mask_threshold`` are inside the masks; needed for masks that are not
+                integer label maps (a probability map is refused without it).
         """
-        image, mask = self.prepare(ct, structures, possible_dose_mask, voxel_spacing)
+        image, mask = self.prepare(ct, structures, possible_dose_mask, voxel_spacing, mask_threshold)
         return self.postprocess(self.predict(image, mask), mask)
 
 
@@ -298,28 +328,40 @@ def predict_patients(
     datalist: Sequence[dict],
     output_dir: str | os.PathLike,
     loader: Callable | None = None,
+    mask_threshold: float | None = None,
 ) -> dict[str, Path]:
     """Predict every patient of ``datalist`` and write ``output_dir/<id>/dose.nii.gz`` on the CT's grid.
 
-    A patient whose input is bad is reported (logged with its id and the problem) and skipped; the others are
-    still predicted. Raises ``RuntimeError`` listing the failed patients at the end, if any.
+    ``output_dir`` is checked to be writable before the first prediction (``PermissionError`` otherwise). A
+    patient whose input is bad, or whose id is not a single folder name, is reported (logged with its id and the
+    problem) and skipped; the others are still predicted. Raises ``RuntimeError`` listing the failed patients at
+    the end, if any.
+
+    Args:
+        predictor: a :class:`DosePredictor`, or any callable ``(ct, structures, possible_dose_mask,
+            mask_threshold=...) -> dose``.
+        mask_threshold: see :meth:`DosePredictor.__call__`.
 
     Returns:
         patient id -> written dose file.
     """
     loader = loader or load_patient
+    check_writable(output_dir)
     written: dict[str, Path] = {}
     failures: dict[str, str] = {}
     for item in tqdm(datalist, desc="predicting", unit="patient"):
         patient_id = str(item.get("id", Path(item["ct"]).parent.name))
         try:
+            out_file = patient_path(output_dir, patient_id, "dose.nii.gz")
             missing = [k for k in IMAGE_KEYS if k not in item or not Path(item[k]).is_file()]
             if missing:
                 raise FileNotFoundError(f"missing {', '.join(f'{k}.nii.gz' for k in missing)}")
             patient = loader(item)
             _check_grids(patient)
-            dose = predictor(patient["ct"], patient["structures"], patient["possible_dose_mask"])
-            written[patient_id] = save_dose(dose, item["ct"], Path(output_dir) / patient_id / "dose.nii.gz")
+            dose = predictor(
+                patient["ct"], patient["structures"], patient["possible_dose_mask"], mask_threshold=mask_threshold
+            )
+            written[patient_id] = save_dose(dose, item["ct"], out_file)
         except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
             failures[patient_id] = str(err)
             logger.error("patient %s: %s", patient_id, err)
