@@ -22,6 +22,7 @@ from monai.bundle import ConfigParser
 
 from .data.openkbp import load_openkbp_datalist, patient_folder_datalist
 from .inference import DosePredictor, load_patient, save_dose
+from .utils import as_device
 
 CPU_THREADS = 2
 STAGES = ("load", "preprocess", "network", "postprocess", "save")
@@ -48,14 +49,16 @@ def measurement_config(
     **updates,
 ) -> ConfigParser:
     """The bundle's training config (``config_files`` layered) on its first 8 training patients, without handlers,
-    writing to ``bundle_root``: what the speed measurements run; ``updates`` replace further config values."""
+    writing to ``bundle_root``: what the speed measurements run; ``updates`` replace further config values.
+
+    Paths go in absolute and the device as a ``torch.device``: values, never text MONAI would evaluate."""
     parser = ConfigParser()
     parser.read_config([str(f) for f in config_files])
     parser.update(
         {
-            "bundle_root": str(bundle_root),
-            "dataset_dir": str(dataset_dir),
-            "device": f"$torch.device('{device}')",
+            "bundle_root": str(Path(bundle_root).resolve()),
+            "dataset_dir": str(Path(dataset_dir).resolve()),
+            "device": as_device(device),
             "num_train": 8,
             "train#handlers": [],
             **updates,
@@ -136,11 +139,11 @@ def benchmark_training(
                 "train#dataloader#sampler": {
                     "_target_": "torch.utils.data.RandomSampler",
                     "data_source": "@train#dataset",
-                    "num_samples": f"$@batch_size * {warmup + iterations}",
                 },
                 "train#trainer#max_epochs": 1,
             },
         )
+        parser["train#dataloader#sampler#num_samples"] = parser.get_parsed_content("batch_size") * (warmup + iterations)
         trainer = parser.get_parsed_content("train#trainer")
         stamps: list[float] = []  # after the warm-up and after the last iteration; no synchronisation in between,
         # so that the host queues the next batch while the device computes, as in training
@@ -226,7 +229,7 @@ def run_benchmark(
         iterations: timed training iterations (after 3 warm-up iterations).
         train_configs: config files layered on the bundle's ``train.json`` for the training measurement.
     """
-    devices = [device] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [str(as_device(device))] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if data is not None and (Path(data) / "dataset.json").is_file():
         patient = load_openkbp_datalist(data, "validation")[0]
     else:

@@ -33,7 +33,7 @@ from .transforms import (
     input_channel_names,
     source_name,
 )
-from .utils import check_writable, patient_path, write_atomic
+from .utils import as_device, check_writable, patient_path, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +166,10 @@ class DosePredictor:
     ) -> DosePredictor:
         """Build the predictor of a bundle's ``configs/inference.json`` with the weights of ``models/model.pt``.
 
-        ``overrides`` replace config values (e.g. ``tta=True``).
+        ``overrides`` replace config values (e.g. ``tta=True``); like the config files, they are
+        code where they are strings starting with ``$`` (MONAI evaluates those), so pass values.
         """
-        bundle_dir = Path(bundle_dir)
+        bundle_dir = Path(bundle_dir).resolve()  # absolute: never read as a config expression or reference
         config_file = bundle_dir / "configs" / "inference.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file}: not a bundle (no configs/inference.json)")
@@ -176,7 +177,7 @@ class DosePredictor:
         parser.read_config(config_file)
         parser.update({"bundle_root": str(bundle_dir), **overrides})
         if device is not None:
-            parser["device"] = f"$torch.device('{device}')"
+            parser["device"] = as_device(device)
         checkpoint = Path(checkpoint or bundle_dir / "models" / "model.pt")
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint}: no trained weights (train the bundle or pass checkpoint=)")

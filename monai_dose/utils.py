@@ -13,6 +13,18 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def as_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, checked; a ``ValueError`` naming it otherwise.
+
+    Configs get devices (and every other user value) as values, never as text inside a ``$`` expression, which
+    MONAI would evaluate as Python.
+    """
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device such as 'cpu', 'cuda' or 'cuda:1' ({err})") from err
+
+
 def patient_path(root: str | os.PathLike, patient_id: object, *parts: str) -> Path:
     """``root/<patient_id>/<parts...>``, refusing a ``patient_id`` that is not a single path component (empty,
     ``.``, ``..``, holding a path separator, or absolute), so that no writer can be led outside ``root``."""

@@ -6,10 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from monai.bundle import ConfigParser
 
 from monai_dose.cli import main
+from monai_dose.inference import DosePredictor
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "openkbp_dose"
 
@@ -37,3 +39,16 @@ def test_benchmark_reports_inference_and_training(tmp_path, openkbp_dir, capsys)
     assert training["pipeline_rate"] > 0 and training["network_only_rate"] > 0
     table = capsys.readouterr().out
     assert "inference total per patient" in table and "pipeline / network-only" in table
+
+
+def test_device_is_a_value_not_code(tmp_path, capsys):
+    """A device string is never spliced into a config expression: text that would run a shell command is an
+    error naming it, from the benchmark command and from DosePredictor.from_bundle alike, and runs nothing."""
+    marker = tmp_path / "ran"
+    device = f"cpu') if __import__('os').system('touch {marker}') == 0 else torch.device('cpu"
+    out = tmp_path / "benchmark.json"
+    assert main(["benchmark", "--bundle", str(BUNDLE), "--device", device, "--out", str(out)]) == 1
+    assert "is not a torch device" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not a torch device"):
+        DosePredictor.from_bundle(BUNDLE, device=device)
+    assert not marker.exists() and not out.exists()
