@@ -22,6 +22,7 @@ from monai.bundle import ConfigParser
 
 from .data.openkbp import load_openkbp_datalist, patient_folder_datalist
 from .inference import DosePredictor, load_patient, save_dose
+from .precision import cpu_capability, native_bf16, resolve_precision
 from .utils import as_device
 
 CPU_THREADS = 2
@@ -78,10 +79,12 @@ def _peak_gpu_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def benchmark_inference(bundle: str | Path, patient: dict, device: str, repeats: int = 3) -> dict:
+def benchmark_inference(
+    bundle: str | Path, patient: dict, device: str, repeats: int = 3, amp: bool | str = "auto"
+) -> dict:
     """Median seconds per stage of predicting one patient from files to a written dose file."""
     torch.set_num_threads(CPU_THREADS)
-    predictor = DosePredictor.from_bundle(bundle, device=device)
+    predictor = DosePredictor.from_bundle(bundle, device=device, amp=amp)
     timings: dict[str, list[float]] = {stage: [] for stage in STAGES}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats + 1):  # the first run warms up
@@ -103,6 +106,8 @@ def benchmark_inference(bundle: str | Path, patient: dict, device: str, repeats:
     seconds = {stage: statistics.median(values) for stage, values in timings.items()}
     return {
         "device": str(predictor.device),
+        "precision": predictor.precision.name,
+        "precision_reason": predictor.precision.reason,
         "threads": torch.get_num_threads(),
         "seconds": seconds,
         "total_seconds": sum(seconds.values()),
@@ -118,6 +123,7 @@ def benchmark_training(
     iterations: int = 20,
     warmup: int = 3,
     train_configs: tuple[str, ...] = (),
+    amp: bool | str = "auto",
 ) -> dict:
     """Training rate of the bundle's full pipeline (cached data, augmentation, ``SupervisedTrainer``) and of
     the same network stepping on one batch held on the device, at the configured batch size.
@@ -134,6 +140,7 @@ def benchmark_training(
             device,
             tmp,
             **{
+                "amp": amp,
                 # one epoch of warmup + iterations batches, so that no epoch restart stalls the loader workers
                 "train#dataloader#shuffle": False,
                 "train#dataloader#sampler": {
@@ -170,8 +177,11 @@ def benchmark_training(
     synchronize(trainer.state.device)
     network_rate = per_batch * iterations / (time.perf_counter() - start)
     unit = "slices/s" if parser.get_parsed_content("spatial_dims") == 2 else "volumes/s"
+    precision = resolve_precision(trainer.state.device, parser.get_parsed_content("amp"))
     return {
         "device": str(trainer.state.device),
+        "precision": precision.name,
+        "precision_reason": precision.reason,
         "threads": torch.get_num_threads(),
         "train_configs": list(train_configs),
         "batch": list(image.shape),
@@ -191,8 +201,13 @@ def _in_fresh_process(fn, *args) -> dict:  # noqa: ANN001
 
 
 def _table(results: dict) -> str:
-    lines = [f"{'measurement':<34}{'device':<8}{'value':>12}  unit", "-" * 64]
+    machine = results["machine"]
+    lines = [
+        f"CPU: {machine['cpu_capability']}; native bf16 on the CPU: {'yes' if machine['cpu_native_bf16'] else 'no'}"
+    ]
+    lines += [f"{'measurement':<34}{'device':<8}{'value':>12}  unit", "-" * 64]
     for device, r in results["inference"].items():
+        lines.append(f"{'inference precision':<34}{device:<8}{r['precision']:>12}")
         for stage, sec in r["seconds"].items():
             lines.append(f"{'inference ' + stage:<34}{device:<8}{sec:>12.3f}  s")
         lines.append(f"{'inference total per patient':<34}{device:<8}{r['total_seconds']:>12.3f}  s")
@@ -200,6 +215,7 @@ def _table(results: dict) -> str:
         if r["peak_gpu_memory_mb"] is not None:
             lines.append(f"{'inference peak GPU memory':<34}{device:<8}{r['peak_gpu_memory_mb']:>12.0f}  MB")
     for device, r in results["training"].items():
+        lines.append(f"{'training precision':<34}{device:<8}{r['precision']:>12}")
         lines.append(f"{'training, full pipeline':<34}{device:<8}{r['pipeline_rate']:>12.1f}  {r['unit']}")
         lines.append(f"{'training, network only':<34}{device:<8}{r['network_only_rate']:>12.1f}  {r['unit']}")
         lines.append(f"{'pipeline / network-only':<34}{device:<8}{100 * r['pipeline_fraction']:>11.1f}%")
@@ -217,6 +233,7 @@ def run_benchmark(
     repeats: int = 3,
     iterations: int = 20,
     train_configs: tuple[str, ...] = (),
+    amp: bool | str = "auto",
 ) -> dict:
     """Benchmark inference (and training when ``data`` holds a dataset with doses); print a table, write JSON.
 
@@ -228,6 +245,8 @@ def run_benchmark(
         repeats: timed repetitions of inference (after one warm-up run).
         iterations: timed training iterations (after 3 warm-up iterations).
         train_configs: config files layered on the bundle's ``train.json`` for the training measurement.
+        amp: precision, ``"auto"`` (bf16 autocast where the device computes bf16 natively), ``True`` or ``False``
+            (see :mod:`monai_dose.precision`); the result names the precision each measurement ran in.
     """
     devices = [str(as_device(device))] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if data is not None and (Path(data) / "dataset.json").is_file():
@@ -235,7 +254,13 @@ def run_benchmark(
     else:
         patient = patient_folder_datalist(data or Path(bundle).resolve().parents[1] / "examples")[0]
     results: dict = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "cpu_capability": cpu_capability(),
+            "cpu_native_bf16": native_bf16("cpu"),
+            "torch": torch.__version__,
+        },
         "patient": patient.get("id"),
         "inference": {},
         "training": {},
@@ -243,10 +268,10 @@ def run_benchmark(
     if torch.cuda.is_available():
         results["machine"]["gpu"] = torch.cuda.get_device_name(0)
     for dev in devices:
-        results["inference"][dev] = _in_fresh_process(benchmark_inference, str(bundle), patient, dev, repeats)
+        results["inference"][dev] = _in_fresh_process(benchmark_inference, str(bundle), patient, dev, repeats, amp)
         if data is not None and (Path(data) / "dataset.json").is_file():
             results["training"][dev] = _in_fresh_process(
-                benchmark_training, str(bundle), str(data), dev, iterations, 3, tuple(map(str, train_configs))
+                benchmark_training, str(bundle), str(data), dev, iterations, 3, tuple(map(str, train_configs)), amp
             )
     print(_table(results))
     Path(out).write_text(json.dumps(results, indent=2) + "\n")

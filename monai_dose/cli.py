@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .precision import AMP_CHOICES
+
 
 def _convert(args: argparse.Namespace) -> None:
     from .data.convert import convert_openkbp
@@ -46,6 +48,7 @@ def _benchmark(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         iterations=args.iterations,
         train_configs=tuple(args.train_config),
+        amp=args.amp,
     )
 
 
@@ -58,6 +61,13 @@ def _average_weights(args: argparse.Namespace) -> None:
     state = average_weights(args.checkpoints)
     write_atomic(args.out, lambda tmp: torch.save(state, tmp))
     print(f"average of {len(args.checkpoints)} checkpoints -> {args.out}")
+
+
+AMP_ARGUMENT = {
+    "default": "auto",
+    "choices": AMP_CHOICES,
+    "help": "bfloat16 autocast: auto (where the device computes bf16 natively), true or false (default: auto)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="NIfTI dataset folder (default: the bundled example)")
     p.add_argument("--out", type=Path, default=Path("benchmark.json"), help="JSON result file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: both where available)")
+    p.add_argument("--amp", **AMP_ARGUMENT)
     p.add_argument("--repeats", type=int, default=3, help="timed inference repetitions (after a warm-up run)")
     p.add_argument("--iterations", type=int, default=20, help="timed training iterations (after 3 warm-up ones)")
     p.add_argument(

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .data.openkbp import IMAGE_KEYS, STRUCTURES
 from .inferers import AxialSliceInferer
+from .precision import resolve_precision
 from .transforms import (
     PROXIMITY_SET,
     BinariseMask,
@@ -131,7 +132,8 @@ class DosePredictor:
         neighbours: slices on each side stacked as channels (2.5D networks).
         tta: average with the left-right flipped prediction (test-time augmentation).
         device: where the network runs (default: CUDA when available).
-        amp: run the network under bfloat16 autocast.
+        amp: ``"auto"`` runs the network under bfloat16 autocast where the device computes bf16 natively and in
+            float32 elsewhere; ``True``/``False`` force it (see :mod:`monai_dose.precision`).
         sw_batch_size: slices per network call for 2D networks.
     """
 
@@ -143,17 +145,17 @@ class DosePredictor:
         neighbours: int = 0,
         tta: bool = False,
         device: str | torch.device | None = None,
-        amp: bool = True,
+        amp: bool | str = "auto",
         sw_batch_size: int = 32,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = resolve_precision(self.device, amp)
         self.network = network.to(self.device).eval()
         self.spatial_dims = spatial_dims
         self.input = DoseInput(input_set)
         self.proximity = TargetProximity() if input_set == PROXIMITY_SET else None
         self.neighbours = SliceNeighbours(neighbours) if neighbours else None
         self.tta = tta
-        self.amp = amp
         self.inferer: Inferer = AxialSliceInferer(sw_batch_size) if spatial_dims == 2 else SimpleInferer()
 
     @classmethod
@@ -166,7 +168,7 @@ class DosePredictor:
     ) -> DosePredictor:
         """Build the predictor of a bundle's ``configs/inference.json`` with the weights of ``models/model.pt``.
 
-        ``overrides`` replace config values (e.g. ``tta=True``); like the config files, they are
+        ``overrides`` replace config values (e.g. ``tta=True``, ``amp=False``); like the config files, they are
         code where they are strings starting with ``$`` (MONAI evaluates those), so pass values.
         """
         bundle_dir = Path(bundle_dir).resolve()  # absolute: never read as a config expression or reference
@@ -189,10 +191,11 @@ class DosePredictor:
             neighbours=parser.get_parsed_content("neighbours"),
             tta=parser.get_parsed_content("tta"),
             device=parser.get_parsed_content("device"),
+            amp=parser.get_parsed_content("amp", default="auto"),
         )
 
     def _network(self, image: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, self.precision.autocast):
             pred = self.inferer(image, self.network)
             if self.tta:
                 flip = [3]  # left-right: the second in-plane axis of (B, C, H, W, D)

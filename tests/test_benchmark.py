@@ -28,8 +28,11 @@ def test_benchmark_reports_inference_and_training(tmp_path, openkbp_dir, capsys)
     override = tmp_path / "small_batch.json"  # layered on train.json, as configs/train_gpu.json is on a GPU
     override.write_text(json.dumps({"num_slices": 4, "num_workers": 1}))
     args = ["benchmark", "--bundle", str(bundle), "--data", str(openkbp_dir), "--out", str(out)]
-    assert main([*args, "--device", "cpu", "--repeats", "1", "--iterations", "2", "--train-config", str(override)]) == 0
+    args += ["--device", "cpu", "--amp", "false", "--repeats", "1", "--iterations", "2"]
+    assert main([*args, "--train-config", str(override)]) == 0
     results = json.loads(out.read_text())
+    assert results["machine"]["cpu_capability"].startswith(torch.backends.cpu.get_cpu_capability())
+    assert results["inference"]["cpu"]["precision"] == results["training"]["cpu"]["precision"] == "float32"
     inference = results["inference"]["cpu"]
     assert set(inference["seconds"]) == {"load", "preprocess", "network", "postprocess", "save"}
     assert all(s > 0 for s in inference["seconds"].values()) and inference["peak_memory_mb"] > 0
@@ -39,6 +42,7 @@ def test_benchmark_reports_inference_and_training(tmp_path, openkbp_dir, capsys)
     assert training["pipeline_rate"] > 0 and training["network_only_rate"] > 0
     table = capsys.readouterr().out
     assert "inference total per patient" in table and "pipeline / network-only" in table
+    assert "native bf16 on the CPU" in table and "inference precision" in table
 
 
 def test_device_is_a_value_not_code(tmp_path, capsys):
