@@ -57,6 +57,21 @@ def test_masked_dose_output(amp):
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
+def test_dose_output_is_not_quantised_by_bf16():
+    """The output layer runs in float32 under bf16 autocast: doses near 70 Gy keep more than bf16's 0.5 Gy steps."""
+    torch.manual_seed(0)
+    net = DCNN(2, 12, 1, channels=(4, 8)).eval()
+    torch.nn.init.normal_(net.head.conv.weight, std=3.0)
+    torch.nn.init.constant_(net.head.conv.bias, 68.0)
+    # features of a trained network, not the mostly-zero ones of an untrained one, reach the output layer
+    net.head.register_forward_pre_hook(lambda _, args: (torch.rand(args[0].shape).to(args[0].dtype),))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dose = net(torch.rand(1, 12, 16, 16))
+    assert dose.dtype == torch.float32
+    assert 50 < dose.median() < 80
+    assert dose.unique().numel() > 100  # bf16 holds only ..., 63.5, 64, 64.5, ... here
+
+
 @pytest.mark.parametrize("slice_major", [False, True])
 def test_axial_slice_inferer_matches_monai_slice_inferer(slice_major):
     """Same output as MONAI's SliceInferer for a batch of volumes whose depth is not a multiple of the batch."""

@@ -51,7 +51,9 @@ class DCNN(nn.Module):
 
     Each encoder level has two 3x3 convolutions (norm, activation) then max-pooling; the decoder upsamples with
     transposed convolutions, concatenates the skip connection and applies two convolutions; a 1x1 convolution
-    gives the output. Input sizes must be divisible by ``2 ** (len(channels) - 1)``.
+    gives the output, computed in float32 also under bfloat16 autocast (whose 8-bit mantissa would put the dose in
+    0.5 Gy steps above 64 Gy, where the targets' D95 and D99 lie). Input sizes must be divisible by
+    ``2 ** (len(channels) - 1)``.
 
     Args:
         spatial_dims: 2 or 3.
@@ -111,4 +113,11 @@ class DCNN(nn.Module):
         x = self.bottleneck(x)
         for level, (upsample, decoder) in enumerate(zip(self.upsamples, self.decoders)):  # noqa: B905 (TorchScript)
             x = decoder(torch.cat([upsample(x), skips[-1 - level]], dim=1))
-        return self.head(x)
+        if torch.jit.is_scripting():  # TorchScript runs in float32 anyway (and takes no device-dependent autocast)
+            return self.head(x)
+        return self._float32_head(x)
+
+    @torch.jit.unused
+    def _float32_head(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(x.float())
