@@ -1,8 +1,9 @@
-"""Inferers for 2D dose networks applied to volumes."""
+"""Inferers for dose networks: 2D networks applied to volumes slice by slice, and flip test-time augmentation."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from monai.inferers import Inferer
@@ -29,3 +30,29 @@ class AxialSliceInferer(Inferer):
         slices = inputs.movedim(-1, 1).flatten(0, 1)  # (B * D, C, H, W): a view for slice-major volumes
         out = torch.cat([network(chunk, *args, **kwargs) for chunk in slices.split(self.sw_batch_size)])
         return out.unflatten(0, (batch, depth)).movedim(1, -1)
+
+
+def flip_average(network: Callable[..., torch.Tensor], inputs: torch.Tensor, dim: int = 3) -> torch.Tensor:
+    """Mean of ``network``'s prediction for ``inputs`` and, flipped back, for ``inputs`` flipped along ``dim``,
+    computed in one batched call."""
+    both = network(torch.cat([inputs, inputs.flip(dim)]))
+    return (both[: len(inputs)] + both[len(inputs) :].flip(dim)) / 2
+
+
+class FlipTTAInferer(Inferer):
+    """Flip test-time augmentation around another inferer: every network call (a batch of slices of
+    :class:`AxialSliceInferer`, or whole volumes) predicts its input and its mirror image together and averages them.
+
+    Args:
+        inferer: the inferer that calls the network.
+        dim: the flipped dimension of each network input; 3 is the left-right axis ``W`` of OpenKBP slices
+            ``(B, C, H, W)`` and volumes ``(B, C, H, W, D)`` alike (the flip that training augments with).
+    """
+
+    def __init__(self, inferer: Inferer, dim: int = 3) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.dim = dim
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        return self.inferer(inputs, partial(flip_average, partial(network, *args, **kwargs), dim=self.dim))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.inferers import SliceInferer
+from monai.inferers import SimpleInferer, SliceInferer
 from monai.networks.nets import UNet
 
-from monai_dose.inferers import AxialSliceInferer
+from monai_dose.inferers import AxialSliceInferer, FlipTTAInferer
 from monai_dose.networks import DCNN, Cascade, DilatedDenseBlock, MaskedDose
 
 
@@ -92,3 +92,26 @@ def test_axial_slice_inferer_matches_monai_slice_inferer(slice_major):
     assert result.shape == (2, 2, 16, 16, 11)
     torch.testing.assert_close(result, expected)
     assert calls == [4, 4, 4, 4, 4, 2]  # 22 slices, at most 4 per call
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_flip_tta_inferer(spatial_dims):
+    """The mean of the prediction and the flipped-back prediction of the left-right mirror image, each network call
+    predicting a chunk and its mirror image together; the result is symmetric under the flip."""
+    torch.manual_seed(0)
+    net = DCNN(spatial_dims, in_channels=3, out_channels=1, channels=(4, 8)).eval()
+    volumes = torch.rand(1, 3, 16, 16, 8 if spatial_dims == 3 else 11)
+    inferer = AxialSliceInferer(sw_batch_size=4) if spatial_dims == 2 else SimpleInferer()
+    calls = []
+
+    def network(x):
+        calls.append(x.shape[0])
+        return net(x)
+
+    with torch.no_grad():
+        expected = (inferer(volumes, net) + inferer(volumes.flip(3), net).flip(3)) / 2
+        result = FlipTTAInferer(inferer)(volumes, network)
+        mirrored = FlipTTAInferer(inferer)(volumes.flip(3), net)
+    torch.testing.assert_close(result, expected)
+    torch.testing.assert_close(mirrored, result.flip(3))
+    assert calls == ([8, 8, 6] if spatial_dims == 2 else [2])  # chunk and mirror image in one call
