@@ -24,7 +24,7 @@ DVH_METRICS: tuple[str, ...] = tuple(
     f"{roi}/{metric}" for roi in STRUCTURES for metric in (OAR_METRICS if roi in OARS else TARGET_METRICS)
 )
 """Keys of :func:`dvh_metrics`, in the order of the official evaluator's output (``ROI/metric``)."""
-_TARGET_PERCENTILES: dict[str, float] = {"D_99": 1.0, "D_95": 5.0, "D_1": 99.0}
+_TARGET_VOLUMES: dict[str, float] = {"D_99": 99.0, "D_95": 95.0, "D_1": 1.0}
 
 DVHMetrics = Mapping[str, float | None]
 
@@ -62,22 +62,34 @@ def dvh_metrics(
     structures = np.asarray(structures)
     if structures.shape != (len(STRUCTURES), *dose.shape):
         raise ValueError(f"structures shape {structures.shape} must be ({len(STRUCTURES)}, *{dose.shape})")
-    voxel_volume = np.prod(np.asarray(voxel_spacing, dtype=np.float64))
-    voxels_in_tenth_of_cc = np.maximum(1, np.round(100 / voxel_volume))
+    voxel_volume = float(np.prod(np.asarray(voxel_spacing, dtype=np.float64)))
     metrics: dict[str, float | None] = dict.fromkeys(DVH_METRICS)
     for roi, mask in zip(STRUCTURES, structures, strict=True):
         roi_dose = dose[mask.astype(bool)]
         if roi_dose.size == 0:
             continue
         if roi in OARS:
-            # the official evaluator fails on ROIs under 0.1 cc (negative percentile); clip at 0 instead
-            percentile = max(0.0, 100 - voxels_in_tenth_of_cc / roi_dose.size * 100)
-            metrics[f"{roi}/D_0.1_cc"] = float(np.percentile(roi_dose, percentile))
+            metrics[f"{roi}/D_0.1_cc"] = dose_to_volume(roi_dose, 0.1, voxel_volume)
             metrics[f"{roi}/mean"] = float(roi_dose.mean())
         else:
-            for name, percentile in _TARGET_PERCENTILES.items():
-                metrics[f"{roi}/{name}"] = float(np.percentile(roi_dose, percentile))
+            for name, volume in _TARGET_VOLUMES.items():
+                metrics[f"{roi}/{name}"] = dose_to_volume(roi_dose, volume)
     return metrics
+
+
+def dose_to_volume(roi_dose: np.ndarray, volume: float, voxel_volume: float | None = None) -> float:
+    """D_x: the dose (Gy) that the hottest ``volume`` of an ROI receives, from ``numpy.percentile`` (linear
+    interpolation) of its voxel doses ``roi_dose``, as the official OpenKBP evaluator computes it.
+
+    ``volume`` is in % of the ROI, or in cc when ``voxel_volume`` (mm^3) is given: then the hottest
+    ``round(volume / voxel volume)`` voxels, at least one.
+    """
+    roi_dose = np.ravel(roi_dose)
+    if voxel_volume is None:
+        return float(np.percentile(roi_dose, 100 - volume))
+    voxels = max(1.0, float(np.round(1000 * volume / voxel_volume)))
+    # the official evaluator fails on ROIs under that volume (negative percentile); clip at 0 instead
+    return float(np.percentile(roi_dose, max(0.0, 100 - voxels / roi_dose.size * 100)))
 
 
 def cumulative_dvh(roi_dose: np.ndarray, levels: np.ndarray) -> np.ndarray:
