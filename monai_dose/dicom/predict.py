@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -39,6 +40,7 @@ MODEL_AXES = np.diag([-1.0, -1.0, 1.0]) @ AXES_RAS
 BODY_THRESHOLD_HU = -400.0
 """Without a body ROI, the body is the largest connected region above this CT number."""
 DVH_BIN_GY = 0.1
+DVH_CONVENTION = "voxel masks on the CT grid (rt-utils rasterisation), no partial volumes"
 Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -80,7 +82,7 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     return np.stack([ndimage.binary_fill_holes(body[..., k]) for k in range(body.shape[2])], axis=-1)
 
 
-def _dvh_tables(
+def dvh_tables(
     dose: np.ndarray, masks: Mapping[str, np.ndarray], spacing: tuple[float, float, float]
 ) -> tuple[list[list], dict[str, float | None]]:
     """Cumulative DVH table (header, then one row per 0.1 Gy) and OpenKBP DVH metrics, from CT-grid voxels."""
@@ -175,7 +177,7 @@ def _coverage(
     return coverage
 
 
-def _write_outputs(
+def write_prediction(
     out_dir: Path, ct: CTSeries, dose: np.ndarray, dvh: list[list], report: dict, plan: Dataset | None
 ) -> dict[str, Path]:
     """Write the outputs into a temporary folder beside ``out_dir``, then move them into ``out_dir``."""
@@ -194,6 +196,66 @@ def _write_outputs(
             os.replace(file, out_dir / file.name)
             written[file.name] = out_dir / file.name
     return written
+
+
+@dataclass
+class DicomPatient:
+    """A CT series with its RTSTRUCT as ``predict-dicom`` reads them: the structures (flat CT-grid voxel indices,
+    see :func:`read_dicom_patient`), the body and the possible-dose mask, with the rules that gave them."""
+
+    ct: CTSeries
+    structure_set: StructureSet
+    mapping: RoiMapping
+    masks: dict[str, np.ndarray]
+    body: np.ndarray
+    body_rule: str
+    possible_dose: np.ndarray
+    possible_dose_rule: str
+
+
+def read_dicom_patient(
+    ct_dir: str | os.PathLike,
+    rtstruct: str | os.PathLike,
+    name_map: str | os.PathLike | Mapping[str, str | None] | None = None,
+    possible_dose_mask: str | None = None,
+) -> DicomPatient:
+    """Read and check a CT series and its RTSTRUCT, map the ROI names and rasterise the structures, body and
+    possible-dose mask on the CT grid (arguments and errors as :func:`predict_dicom`)."""
+    if name_map is not None and not isinstance(name_map, Mapping):
+        name_map = load_name_map(name_map)
+    structure_ds = read_rtstruct(rtstruct)
+    ct = read_ct_series(ct_dir, series_uid=referenced_series_uid(structure_ds))
+    structure_set = StructureSet(structure_ds, rtstruct, ct)
+    mapping = map_roi_names(structure_set.names, name_map)
+    masks = _structure_masks(structure_set, mapping)
+    body, body_rule = _body(ct, structure_set, mapping)
+    possible_dose, possible_dose_rule = body, body_rule
+    if possible_dose_mask is not None:
+        possible_dose, possible_dose_rule = (
+            _named_mask(structure_set, possible_dose_mask),
+            f"ROI '{possible_dose_mask}'",
+        )
+        mapping.ignored[possible_dose_mask] = "possible-dose mask"
+    logger.info("structures found: %s", mapping.found)
+    logger.info("structures missing: %s", mapping.missing)
+    logger.info("ROIs ignored: %s", mapping.ignored)
+    logger.info("body: %s; possible-dose mask: %s", body_rule, possible_dose_rule)
+    return DicomPatient(ct, structure_set, mapping, masks, body, body_rule, possible_dose, possible_dose_rule)
+
+
+def predict_on_ct(patient: DicomPatient, bundle: str | os.PathLike | Predictor) -> tuple[np.ndarray, dict]:
+    """The dose predicted on the model grid and interpolated onto the CT grid (Gy, zero outside the possible-dose
+    mask), with the report entries of the model grid and the fraction of each structure inside it."""
+    grid, model_ct, structures, model_mask = _model_inputs(
+        patient.ct, patient.masks, patient.body, patient.possible_dose
+    )
+    coverage = _coverage(patient.masks, patient.ct, grid, patient.possible_dose)
+    predictor = bundle if callable(bundle) else DosePredictor.from_bundle(bundle)
+    grid_spacing = {"voxel_spacing": MODEL_SPACING_MM} if isinstance(predictor, DosePredictor) else {}
+    model_dose = np.asarray(predictor(model_ct, structures, model_mask, **grid_spacing), dtype=np.float32)
+    dose = resample(model_dose, grid, patient.ct.affine, patient.ct.hu.shape, order=1)
+    dose = np.clip(dose, 0, None) * patient.possible_dose
+    return dose, {"model_grid_affine_lps_mm": grid.round(4).tolist(), "fraction_inside": coverage}
 
 
 def predict_dicom(
@@ -237,50 +299,24 @@ def predict_dicom(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a folder")
-    if name_map is not None and not isinstance(name_map, Mapping):
-        name_map = load_name_map(name_map)
-    structure_ds = read_rtstruct(rtstruct)
-    ct = read_ct_series(ct_dir, series_uid=referenced_series_uid(structure_ds))
-    structure_set = StructureSet(structure_ds, rtstruct, ct)
-    plan = None if rtplan is None else read_rtplan(rtplan, ct)
-    mapping = map_roi_names(structure_set.names, name_map)
-    masks = _structure_masks(structure_set, mapping)
-    body, body_rule = _body(ct, structure_set, mapping)
-    possible_dose, possible_dose_rule = body, body_rule
-    if possible_dose_mask is not None:
-        possible_dose, possible_dose_rule = (
-            _named_mask(structure_set, possible_dose_mask),
-            f"ROI '{possible_dose_mask}'",
-        )
-        mapping.ignored[possible_dose_mask] = "possible-dose mask"
-    logger.info("structures found: %s", mapping.found)
-    logger.info("structures missing: %s", mapping.missing)
-    logger.info("ROIs ignored: %s", mapping.ignored)
-    logger.info("body: %s; possible-dose mask: %s", body_rule, possible_dose_rule)
+    patient = read_dicom_patient(ct_dir, rtstruct, name_map, possible_dose_mask)
+    plan = None if rtplan is None else read_rtplan(rtplan, patient.ct)
+    dose, model_report = predict_on_ct(patient, bundle)
 
-    grid, model_ct, structures, model_mask = _model_inputs(ct, masks, body, possible_dose)
-    coverage = _coverage(masks, ct, grid, possible_dose)
-
-    predictor = bundle if callable(bundle) else DosePredictor.from_bundle(bundle)
-    grid_spacing = {"voxel_spacing": MODEL_SPACING_MM} if isinstance(predictor, DosePredictor) else {}
-    model_dose = np.asarray(predictor(model_ct, structures, model_mask, **grid_spacing), dtype=np.float32)
-    dose = np.clip(resample(model_dose, grid, ct.affine, ct.hu.shape, order=1), 0, None) * possible_dose
-
-    dvh, metrics = _dvh_tables(dose, masks, ct.spacing)
+    dvh, metrics = dvh_tables(dose, patient.masks, patient.ct.spacing)
     report = {
-        "ct_series": str(ct.slices[0].SeriesInstanceUID),
-        "rtstruct": str(structure_set.path),
+        "ct_series": str(patient.ct.slices[0].SeriesInstanceUID),
+        "rtstruct": str(patient.structure_set.path),
         "rtplan": None if rtplan is None else str(rtplan),
-        "structures_found": mapping.found,
-        "structures_missing": mapping.missing,
-        "rois_ignored": mapping.ignored,
-        "body": body_rule,
-        "possible_dose_mask": possible_dose_rule,
-        "model_grid_affine_lps_mm": grid.round(4).tolist(),
-        "fraction_inside": coverage,
-        "dvh_convention": "voxel masks on the CT grid (rt-utils rasterisation), no partial volumes",
+        "structures_found": patient.mapping.found,
+        "structures_missing": patient.mapping.missing,
+        "rois_ignored": patient.mapping.ignored,
+        "body": patient.body_rule,
+        "possible_dose_mask": patient.possible_dose_rule,
+        **model_report,
+        "dvh_convention": DVH_CONVENTION,
         "dvh_metrics_gy": metrics,
     }
-    written = _write_outputs(out_dir, ct, dose, dvh, report, plan)
+    written = write_prediction(out_dir, patient.ct, dose, dvh, report, plan)
     logger.info("wrote %s", ", ".join(str(p) for p in written.values()))
     return written
