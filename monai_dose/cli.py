@@ -34,6 +34,7 @@ def _predict_dicom(args: argparse.Namespace) -> None:
         name_map=args.name_map,
         possible_dose_mask=args.possible_dose_mask,
         rtplan=args.rtplan,
+        allow_patient_mismatch=args.allow_patient_mismatch,
     )
 
 
@@ -103,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name-map", type=Path, default=None, help="JSON file overriding the ROI name map")
     p.add_argument("--possible-dose-mask", default=None, help="ROI name of the possible-dose mask")
     p.add_argument("--rtplan", type=Path, default=None, help="RT Plan file for the RTDOSE to reference")
+    p.add_argument(
+        "--allow-patient-mismatch",
+        action="store_true",
+        help="accept an RTSTRUCT whose PatientID differs from the CT's (e.g. anonymised separately)",
+    )
     p.set_defaults(func=_predict_dicom)
 
     p = sub.add_parser("benchmark", help="inference and training speed and memory on this machine")

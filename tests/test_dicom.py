@@ -359,6 +359,10 @@ def corrupt(case: str, source: Path, work: Path) -> tuple[Path, Path]:
         (ct_dir / "CT999.dcm").write_bytes(b"not DICOM")
     elif case == "unreadable RTSTRUCT":
         rtstruct.write_bytes(bytes(300))
+    elif case == "other patient":
+        ds = pydicom.dcmread(rtstruct)
+        ds.PatientID = "someone else"
+        ds.save_as(rtstruct)
     elif case in ("frame of reference", "no target"):
         ds = pydicom.dcmread(rtstruct)
         uid = generate_uid()
@@ -382,6 +386,10 @@ def corrupt(case: str, source: Path, work: Path) -> tuple[Path, Path]:
         ("unreadable RTSTRUCT", r"rtstruct.dcm: unreadable DICOM file"),
         ("frame of reference", r"rtstruct.dcm: ROI '.*' is in frame of reference"),
         ("no target", r"rtstruct.dcm: no target contour"),
+        (
+            "other patient",
+            r"rtstruct.dcm: PatientID 'someone else' is not the CT's \('openkbp-test'\): another patient",
+        ),
     ],
 )
 def test_bad_input_writes_nothing(
@@ -391,6 +399,35 @@ def test_bad_input_writes_nothing(
     with pytest.raises(ValueError, match=message):
         predict_dicom(ct_dir, rtstruct, predictor, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "rtstruct.dcm"]
+
+
+def test_patient_mismatch_accepted_on_request(
+    pt1: tuple[Path, dict],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+):
+    """An RTSTRUCT of another PatientID: exit 1 naming it and nothing written; ``--allow-patient-mismatch``
+    predicts, with a warning."""
+    ct_dir, rtstruct = corrupt("other patient", pt1[0], tmp_path / "in")
+    monkeypatch.setattr(DosePredictor, "from_bundle", lambda bundle, **kw: level_dose)
+    args = ["predict-dicom", "--ct", str(ct_dir), "--rtstruct", str(rtstruct), "--out", str(tmp_path / "out")]
+    assert main(args) == 1
+    assert "--allow-patient-mismatch accepts them" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--allow-patient-mismatch"]) == 0
+    assert (tmp_path / "out" / "RTDOSE.dcm").is_file()
+    assert "rtstruct.dcm: PatientID 'someone else' is not the CT's ('openkbp-test'): accepted" in caplog.text
+
+
+def test_unwritable_output_fails_before_reading(pt1: tuple[Path, dict], tmp_path: Path):
+    """An output folder that cannot be made fails first, before the inputs are read and the dose predicted."""
+    (tmp_path / "file").write_text("")
+    calls = []
+    with pytest.raises(PermissionError, match=r"file: cannot write there"):
+        predict_dicom(pt1[0] / "ct", tmp_path / "no_such.dcm", lambda *a: calls.append(a), tmp_path / "file" / "out")
+    assert calls == []
 
 
 def test_cli_error(pt1: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture):

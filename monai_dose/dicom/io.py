@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 from rt_utils.image_helper import create_series_mask_from_contour_sequence
+
+logger = logging.getLogger(__name__)
 
 SPACING_RTOL = 0.01
 """Slices count as evenly spaced when every gap is within 1% of the median gap."""
@@ -178,9 +181,17 @@ class StructureSet:
     puts a contour on the slice that its ContourImageSequence references.
     """
 
-    def __init__(self, ds: Dataset, path: str | os.PathLike, ct: CTSeries) -> None:
+    def __init__(
+        self, ds: Dataset, path: str | os.PathLike, ct: CTSeries, allow_patient_mismatch: bool = False
+    ) -> None:
+        """``ValueError`` when the RTSTRUCT's PatientID is not the CT's, unless ``allow_patient_mismatch`` (then a
+        warning)."""
         self.path = Path(path)
         self.ct = ct
+        if problem := ct_mismatch(ds, self.path, ct, ("PatientID",)):
+            if not allow_patient_mismatch:
+                raise ValueError(f"{problem}: another patient's structures (--allow-patient-mismatch accepts them)")
+            logger.warning("%s: accepted (allow_patient_mismatch)", problem)
         self.rois = {int(roi.ROINumber): roi for roi in ds.StructureSetROISequence}
         self.contours = {
             int(c.ReferencedROINumber): c.get("ContourSequence", []) for c in ds.get("ROIContourSequence", [])
@@ -225,14 +236,19 @@ def read_rtplan(path: str | os.PathLike, ct: CTSeries) -> Dataset:
     ds = read_dicom(path, stop_before_pixels=True)
     if ds.get("SOPClassUID") not in (RTPlanStorage, RTIonPlanStorage):
         raise ValueError(f"{path}: not an RT Plan (SOP class {ds.get('SOPClassUID', 'missing')})")
-    reference = ct.slices[0]
-    for keyword in ("PatientID", "FrameOfReferenceUID"):
-        if ds.get(keyword) != reference.get(keyword):
-            raise ValueError(
-                f"{path}: {keyword} {ds.get(keyword)!r} is not the CT's ({reference.get(keyword)!r}): another "
-                "patient's or another setup's plan"
-            )
+    if problem := ct_mismatch(ds, path, ct, ("PatientID", "FrameOfReferenceUID")):
+        raise ValueError(f"{problem}: another patient's or another setup's plan")
     return ds
+
+
+def ct_mismatch(ds: Dataset, path: Path, ct: CTSeries, keywords: tuple[str, ...]) -> str | None:
+    """``"<path>: <keyword> <value> is not the CT's (<value>)"`` for the first attribute of ``keywords`` that
+    differs from the CT's, else ``None``."""
+    reference = ct.slices[0]
+    for keyword in keywords:
+        if ds.get(keyword) != reference.get(keyword):
+            return f"{path}: {keyword} {ds.get(keyword)!r} is not the CT's ({reference.get(keyword)!r})"
+    return None
 
 
 def _reference(image: Dataset) -> Dataset:

@@ -19,6 +19,8 @@ from scipy import ndimage
 from monai_dose.data.openkbp import AXES_RAS, GRID_SHAPE, STRUCTURES, TARGETS
 from monai_dose.inference import DosePredictor
 from monai_dose.metrics import cumulative_dvh, dvh_metrics
+from monai_dose.transforms import HU_OFFSET
+from monai_dose.utils import check_writable
 
 from .io import (
     CTSeries,
@@ -137,8 +139,8 @@ def _structure_masks(structure_set: StructureSet, mapping: RoiMapping) -> dict[s
 def _model_inputs(
     ct: CTSeries, masks: Mapping[str, np.ndarray], body: np.ndarray, possible_dose: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Model grid affine and, on that grid, the CT (HU + 1024, 0 outside the body as in OpenKBP), structures
-    (channel last) and possible-dose mask."""
+    """Model grid affine and, on that grid, the CT (HU + :data:`~monai_dose.transforms.HU_OFFSET`, 0 outside the
+    body as in OpenKBP), structures (channel last) and possible-dose mask."""
     target_voxels = np.unravel_index(np.concatenate([masks[t] for t in TARGETS if t in masks]), ct.hu.shape)
     target_centre = np.array([(a.min() + a.max()) / 2 for a in target_voxels])
     grid = model_grid(ct, ct.affine[:3, :3] @ target_centre + ct.affine[:3, 3])
@@ -147,7 +149,7 @@ def _model_inputs(
         mask = np.zeros(ct.hu.shape, dtype=np.uint8)
         mask.flat[indices] = 1
         structures[..., STRUCTURES.index(structure)] = resample(mask, ct.affine, grid, GRID_SHAPE, order=0)
-    model_ct = np.clip(resample((ct.hu + 1024) * body, ct.affine, grid, GRID_SHAPE, order=1), 0, None)
+    model_ct = np.clip(resample((ct.hu + HU_OFFSET) * body, ct.affine, grid, GRID_SHAPE, order=1), 0, None)
     model_mask = resample(possible_dose.astype(np.uint8), ct.affine, grid, GRID_SHAPE, order=0)
     return grid, model_ct, structures, model_mask
 
@@ -218,6 +220,7 @@ def read_dicom_patient(
     rtstruct: str | os.PathLike,
     name_map: str | os.PathLike | Mapping[str, str | None] | None = None,
     possible_dose_mask: str | None = None,
+    allow_patient_mismatch: bool = False,
 ) -> DicomPatient:
     """Read and check a CT series and its RTSTRUCT, map the ROI names and rasterise the structures, body and
     possible-dose mask on the CT grid (arguments and errors as :func:`predict_dicom`)."""
@@ -225,7 +228,7 @@ def read_dicom_patient(
         name_map = load_name_map(name_map)
     structure_ds = read_rtstruct(rtstruct)
     ct = read_ct_series(ct_dir, series_uid=referenced_series_uid(structure_ds))
-    structure_set = StructureSet(structure_ds, rtstruct, ct)
+    structure_set = StructureSet(structure_ds, rtstruct, ct, allow_patient_mismatch)
     mapping = map_roi_names(structure_set.names, name_map)
     masks = _structure_masks(structure_set, mapping)
     body, body_rule = _body(ct, structure_set, mapping)
@@ -266,6 +269,7 @@ def predict_dicom(
     name_map: str | os.PathLike | Mapping[str, str | None] | None = None,
     possible_dose_mask: str | None = None,
     rtplan: str | os.PathLike | None = None,
+    allow_patient_mismatch: bool = False,
 ) -> dict[str, Path]:
     """Predict the dose of a DICOM CT series with its RTSTRUCT; write RTDOSE, NIfTI, DVH and a report.
 
@@ -286,20 +290,24 @@ def predict_dicom(
         possible_dose_mask: ROI to use as possible-dose mask (default: the body).
         rtplan: RT Plan of the patient that the RTDOSE references (ReferencedRTPlanSequence), so that planning
             systems link the dose to it on import.
+        allow_patient_mismatch: accept an RTSTRUCT whose PatientID is not the CT's (with a warning).
 
     Returns:
         output file name -> path.
 
     Raises:
         FileNotFoundError: a missing input.
-        ValueError: a bad input (unreadable files, CT series problems, a frame of reference differing from the
-            CT's, no target contour, an RT Plan of another patient or frame of reference), naming the problem and
-            the file.
+        PermissionError: ``out_dir`` (or the folder it is to be made in) is not writable; checked first.
+        ValueError: a bad input (unreadable files, CT series problems, an RTSTRUCT of another PatientID, a frame
+            of reference differing from the CT's, no target contour, an RT Plan of another patient or frame of
+            reference), naming the problem and the file.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a folder")
-    patient = read_dicom_patient(ct_dir, rtstruct, name_map, possible_dose_mask)
+    for folder in (out_dir.parent, out_dir) if out_dir.is_dir() else (out_dir.parent,):
+        check_writable(folder)
+    patient = read_dicom_patient(ct_dir, rtstruct, name_map, possible_dose_mask, allow_patient_mismatch)
     plan = None if rtplan is None else read_rtplan(rtplan, patient.ct)
     dose, model_report = predict_on_ct(patient, bundle)
 
