@@ -71,6 +71,37 @@ AMP_ARGUMENT = {
 }
 
 
+def _plan_qa(args: argparse.Namespace) -> None:
+    from .qa import plan_qa_cohort, plan_qa_dicom, plan_qa_nifti
+
+    options = {"bundle": args.bundle, "protocol": args.protocol, "margin_gy": args.margin_gy}
+    if args.cohort is not None:
+        rows = plan_qa_cohort(args.cohort, args.out, plan_name=args.plan_name, **options)
+        print(f"{len(rows)} patients -> {args.out / 'summary.html'}")
+        return
+    if args.patient is not None:
+        if args.plan_dose is None:
+            raise ValueError("--patient needs --plan-dose (the plan's dose, NIfTI on the CT's grid)")
+        report = plan_qa_nifti(args.patient, args.plan_dose, args.out, **options)
+    else:
+        if args.rtstruct is None or args.rtdose is None:
+            raise ValueError("--ct needs --rtstruct and --rtdose (the plan's RTDOSE)")
+        report = plan_qa_dicom(
+            args.ct,
+            args.rtstruct,
+            args.rtdose,
+            args.out,
+            name_map=args.name_map,
+            possible_dose_mask=args.possible_dose_mask,
+            **options,
+        )
+    counts = report["summary"]
+    print(
+        f"{counts['goals_failed']} goals not met, {counts['room_to_improve']} room to improve, "
+        f"{counts['under_covered']} under-covered -> {args.out / 'report.html'}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``monai_dose`` argument parser with one sub-command per workflow."""
     parser = argparse.ArgumentParser(
@@ -136,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="model.pt files or training checkpoints (their network; FILE#ema_model or FILE#swa_model: its average)",
     )
     p.set_defaults(func=_average_weights)
+
+    p = sub.add_parser("plan-qa", help="a plan's dose beside the predicted achievable dose: goals, flags, report")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--patient", type=Path, help="NIfTI patient folder (ct, structures, possible-dose mask)")
+    source.add_argument("--ct", type=Path, help="DICOM: folder holding the CT series")
+    source.add_argument("--cohort", type=Path, help="folder of NIfTI patient folders, each holding its plan dose")
+    p.add_argument("--plan-dose", type=Path, default=None, help="with --patient: the plan's dose (NIfTI, Gy)")
+    p.add_argument("--plan-name", default="dose.nii.gz", help="with --cohort: plan dose file in each patient folder")
+    p.add_argument("--rtstruct", type=Path, default=None, help="with --ct: RTSTRUCT file")
+    p.add_argument("--rtdose", type=Path, default=None, help="with --ct: the plan's RTDOSE file")
+    p.add_argument("--name-map", type=Path, default=None, help="with --ct: JSON file overriding the ROI name map")
+    p.add_argument("--possible-dose-mask", default=None, help="with --ct: ROI name of the possible-dose mask")
+    p.add_argument("--bundle", type=Path, default=Path("bundles/openkbp_dose"), help="bundle folder")
+    p.add_argument("--protocol", type=Path, default=None, help="JSON clinical goals (default: head-and-neck example)")
+    p.add_argument("--margin-gy", type=float, default=3.0, help="plan - predicted difference that flags (Gy)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (report.html, report.json, ...)")
+    p.set_defaults(func=_plan_qa)
     return parser
 
 
