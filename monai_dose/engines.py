@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from monai.engines import PrepareBatch
+from ignite.handlers import Checkpoint
+from monai.engines import PrepareBatch, Workflow
+from monai.handlers import CheckpointSaver
 from torch.optim.swa_utils import AveragedModel
 
 from .data.openkbp import STRUCTURES
@@ -96,3 +99,66 @@ class StochasticWeightAveraging:
     def update(self) -> None:
         """Add ``model``'s current weights to the average."""
         self.average.update_parameters(self.model)
+
+
+class ResumableCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` whose rules hold across a resumed training.
+
+    :meth:`state_dict` (the counterpart of MONAI's ``load_state_dict``) is the key-metric checkpoint's saved list, the
+    ignite ``Checkpoint`` state that a new key metric is compared with. When attached, the epoch (or iteration)
+    checkpoints that an earlier run left in ``save_dir`` count towards ``n_saved``: they are removed, oldest first, as
+    new ones are written.
+    """
+
+    def state_dict(self) -> dict:
+        """The key-metric checkpoint's ``(priority, filename)`` list, for ``load_state_dict``."""
+        if self._key_metric_checkpoint is None:
+            raise ValueError("no key metric checkpoint to save the state of: use save_key_metric=True")
+        return dict(self._key_metric_checkpoint.state_dict())
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        checkpoint = self._interval_checkpoint
+        if checkpoint is None:
+            return
+        pattern = Checkpoint.setup_filename_pattern(bool(checkpoint.filename_prefix), with_global_step=False)
+        name = next(iter(self.save_dict)) if len(self.save_dict) == 1 else "checkpoint"  # as ignite names them
+        files = pattern.format(
+            filename_prefix=checkpoint.filename_prefix,
+            name=name,
+            score_name=checkpoint.score_name,
+            score="*",
+            ext=checkpoint.ext,
+        )
+        saved = []
+        for path in Path(self.save_dir).glob(files):
+            score = path.name.removesuffix(f".{checkpoint.ext}").rpartition("=")[2]
+            if score.isdigit():
+                saved.append((int(score), path.name))
+        checkpoint.load_state_dict({"_saved": sorted(saved)})
+
+
+class ValidationState:
+    """The best validation so far, as a state dict for training checkpoints: the ``evaluator``'s best key metric and
+    its epoch, and the state of the ``saver`` that writes the best model. Restored on resume, so that a validation
+    replaces the best model only when it beats the best score before the run stopped.
+    """
+
+    def __init__(self, evaluator: Workflow, saver: ResumableCheckpointSaver) -> None:
+        self.evaluator = evaluator
+        self.saver = saver
+
+    def state_dict(self) -> dict:
+        """Best key metric, its epoch and the saver's state."""
+        state = self.evaluator.state
+        return {
+            "best_metric": state.best_metric,
+            "best_metric_epoch": state.best_metric_epoch,
+            "saver": self.saver.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.evaluator.state.best_metric = state_dict["best_metric"]
+        self.evaluator.state.best_metric_epoch = state_dict["best_metric_epoch"]
+        self.saver.load_state_dict(state_dict["saver"])

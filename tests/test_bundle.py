@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,10 +16,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine
 
 from monai_dose import DosePredictor
 from monai_dose.cli import main
 from monai_dose.data import patient_folder_datalist
+from monai_dose.engines import ResumableCheckpointSaver
 from monai_dose.inference import load_patient, load_weights, network_weights
 from monai_dose.networks import DCNN
 from monai_dose.transforms import input_channel_names
@@ -266,6 +269,46 @@ def test_latest_checkpoint_skips_a_truncated_one(tmp_path):
     os.utime(newest, (time.time() + 10, time.time() + 10))
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=1.pt")
     assert latest_checkpoint(tmp_path / "none") == ""
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_best_model(tmp_path, openkbp_dir):
+    """Fine-tuned from the shipped weights for 2 epochs, then resumed with a learning rate that wrecks the network:
+    the resumed validation is compared with the best score before the stop, so no new best is claimed and
+    ``model.pt`` keeps that epoch's weights; the epoch checkpoints from before the stop count towards the two kept."""
+    args = ["--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), *SMALL_DATA, *SMALL_RUN]
+    args += ["--pretrained_ckpt", str(BUNDLE / "models" / "model.pt"), "--num_train", "1", "--num_val", "1"]
+    best_line = r"val_dose_score best value: (\S+) at epoch: (\d+)"
+    stopped = re.findall(best_line, bundle_run("run", "training", *args, "--epochs", "2").stdout)[-1]
+    models = tmp_path / "models"
+    best = torch.load(models / "model.pt", weights_only=True)
+    checkpoint = torch.load(models / "checkpoint_last.pt", weights_only=True)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["lr"] = 1.0  # a resumed run takes its learning rate from the optimizer state
+    torch.save(checkpoint, models / "checkpoint_last.pt")
+    out = bundle_run("run", "training", *args, "--epochs", "3").stdout
+    (score,) = re.findall(r"Epoch\[3\] Metrics -- val_dose_score: (\S+)", out)
+    assert float(score) > float(stopped[0])  # worse than the best before the stop
+    assert re.findall(best_line, out) == [stopped]  # still the best, from the same epoch
+    for key, value in torch.load(models / "model.pt", weights_only=True).items():
+        assert torch.equal(value, best[key]), key
+    assert sorted(p.name for p in models.glob("checkpoint_epoch=*.pt")) == [
+        "checkpoint_epoch=2.pt",
+        "checkpoint_epoch=3.pt",
+    ]
+
+
+def test_epoch_checkpoints_of_a_killed_run_count_towards_n_saved(tmp_path):
+    """Resumed after epoch 1 (epoch 2's checkpoint cut short by a kill), the saver rewrites epoch 2 and removes
+    the earlier run's checkpoints as new ones come, keeping the last two."""
+    for epoch in (1, 2):
+        (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"")
+    trainer = Engine(lambda engine, batch: None)
+    save_dict = {"model": torch.nn.Linear(1, 1), "trainer": trainer}
+    ResumableCheckpointSaver(str(tmp_path), save_dict, save_interval=1, n_saved=2).attach(trainer)
+    trainer.load_state_dict({"epoch": 1, "max_epochs": 4, "epoch_length": 1})
+    trainer.run([0], max_epochs=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt", "checkpoint_epoch=4.pt"]
 
 
 def test_evaluate_writes_scores(trained, openkbp_dir):
