@@ -1,10 +1,12 @@
 """MONAI transforms for dose prediction (array transforms and their ``...d`` dictionary wrappers)."""
 
 from .array import (
+    BEAM_ANGLES_DEG,
     CT_RANGE,
     INPUT_SETS,
     PROXIMITY_SET,
     BatchRandAffine,
+    BeamPrior,
     DoseInput,
     MaskDose,
     PackMasks,
@@ -21,6 +23,9 @@ from .dictionary import (
     BatchRandAffineD,
     BatchRandAffined,
     BatchRandAffineDict,
+    BeamPriorD,
+    BeamPriord,
+    BeamPriorDict,
     DoseInputD,
     DoseInputd,
     DoseInputDict,
@@ -64,6 +69,7 @@ from .inputs import (
 )
 
 __all__ = [
+    "BEAM_ANGLES_DEG",
     "CT_RANGE",
     "HU_AIR_FRACTION",
     "HU_AIR_THRESHOLD",
@@ -74,6 +80,10 @@ __all__ = [
     "BatchRandAffineD",
     "BatchRandAffineDict",
     "BatchRandAffined",
+    "BeamPrior",
+    "BeamPriorD",
+    "BeamPriorDict",
+    "BeamPriord",
     "BinariseMask",
     "BinariseMaskD",
     "BinariseMaskDict",

@@ -7,8 +7,11 @@ the cranio-caudal slice axis.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.networks.layers import AffineTransform
@@ -86,6 +89,129 @@ class TargetProximity(Transform):
         distance = distance_transform_edt(~targets, sampling=list(voxel_spacing))  # on the structures' device
         present = targets.flatten(1).any(1)[:, None, None, None]
         return (torch.exp(-distance / self.length_mm) * present).to(self.dtype)
+
+
+BEAM_ANGLES_DEG: tuple[float, ...] = tuple(float(a) for a in range(0, 360, 40))
+"""Gantry angles of the 9 coplanar OpenKBP fields, in degrees: 0 enters from the anterior, 90 from the patient's
+left (IEC 61217, head first supine). Chosen over the set 20, 60, ..., 340 (0 from the posterior) by the
+reference doses: see ``docs/beam_prior.md``."""
+
+
+class BeamPrior(Transform):
+    """Physics prior of the dose that coplanar beams can deliver: per voxel, the mean over the beams of the beam's
+    target aperture attenuated by the depth travelled inside the body, ``aperture * exp(-mu * depth)``.
+
+    Each beam runs inside an axial slice (gantry about the last axis ``D``, divergence and scatter ignored). The
+    aperture of a ray is the highest prescription (divided by 70 Gy) of the targets it crosses; the depth is the
+    path length in mm inside the body from the beam's entrance. Slices are resampled (in mm, so anisotropic
+    voxels are handled) onto beam-aligned grids with ``grid_sample``, integrated along the beam with cumulative
+    sums and resampled back, all slices and beams in one call each, on the input's device. Slices without a
+    target get 0.
+
+    ``(10, H, W, D)`` structures in :data:`~monai_dose.data.STRUCTURES` order and a ``(1, H, W, D)`` body
+    (possible-dose mask, or CT: body where ``> body_threshold``) -> ``(1, H, W, D)``, or one channel per beam.
+
+    Args:
+        angles: gantry angles in degrees (see :data:`BEAM_ANGLES_DEG`).
+        mu_per_mm: linear attenuation coefficient (water, 6 MV: about 0.005 / mm).
+        per_beam: return one channel per beam instead of their mean.
+        body_threshold: the body is where the body input exceeds it.
+        dtype: of the output.
+    """
+
+    def __init__(
+        self,
+        angles: Sequence[float] = BEAM_ANGLES_DEG,
+        mu_per_mm: float = 0.005,
+        per_beam: bool = False,
+        body_threshold: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.angles = tuple(float(a) for a in angles)
+        self.mu_per_mm = mu_per_mm
+        self.per_beam = per_beam
+        self.body_threshold = body_threshold
+        self.dtype = dtype
+
+    def _grids(
+        self, size: tuple[int, int], spacing: tuple[float, float], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``grid_sample`` grids from the slice to the beam-aligned square grids (beams stacked along the first
+        axis, which runs along the beam) and back, and the beam grid's step in mm."""
+        half = [(n - 1) / 2 * s for n, s in zip(size, spacing, strict=True)]  # mm from the centre to the edge
+        radius = float(np.hypot(*half))
+        n = int(np.ceil(2 * radius / min(spacing))) + 1
+        theta = torch.deg2rad(torch.tensor(self.angles, dtype=torch.float64))
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        # beam direction d = (cos, -sin) and across it p = (sin, cos), in (axis 0, axis 1) mm
+        d, p = torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)
+        zero = torch.zeros_like(cos)
+        # affine_grid's (x, y) are (across, along) the beam in the beam grid, (axis 1, axis 0) in the slice
+        to_slice = torch.stack(
+            [
+                torch.stack([p[:, 1] * radius / half[1], d[:, 1] * radius / half[1], zero], -1),
+                torch.stack([p[:, 0] * radius / half[0], d[:, 0] * radius / half[0], zero], -1),
+            ],
+            1,
+        )
+        to_beam = torch.stack(
+            [
+                torch.stack([p[:, 1] * half[1] / radius, p[:, 0] * half[0] / radius, zero], -1),
+                torch.stack([d[:, 1] * half[1] / radius, d[:, 0] * half[0] / radius, zero], -1),
+            ],
+            1,
+        )
+        beams = len(self.angles)
+        forward = F.affine_grid(to_slice.float(), [beams, 1, n, n], align_corners=True)
+        back = F.affine_grid(to_beam.float(), [beams, 1, *size], align_corners=True)
+        return forward.flatten(0, 1)[None].to(device), back.to(device), 2 * radius / (n - 1)
+
+    def __call__(
+        self, structures: NdarrayOrTensor, body: NdarrayOrTensor, voxel_spacing: Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """``voxel_spacing`` in mm (axes 0 and 1 are used); by default that of a ``MetaTensor``'s affine."""
+        if voxel_spacing is None:
+            if not isinstance(structures, MetaTensor):
+                raise ValueError("the voxel spacing is needed for depths in mm: pass voxel_spacing")
+            voxel_spacing = tuple(float(v) for v in structures.pixdim[:2])
+        if structures.ndim != 4 or structures.shape[0] != len(STRUCTURES):
+            raise ValueError(f"expected structures ({len(STRUCTURES)}, H, W, D), got {tuple(structures.shape)}")
+        if tuple(body.shape) != (1, *structures.shape[1:]):
+            raise ValueError(
+                f"expected a body (1, {', '.join(map(str, structures.shape[1:]))}), got {tuple(body.shape)}"
+            )
+        struct_t = convert_to_tensor(structures, track_meta=False)
+        device, beams = struct_t.device, len(self.angles)
+        out = torch.zeros(beams if self.per_beam else 1, *struct_t.shape[1:], dtype=self.dtype, device=device)
+        targets = struct_t[[STRUCTURES.index(t) for t in TARGETS]] > 0
+        slices = targets.flatten(1, 2).any(1).any(0).nonzero()[:, 0]
+        body_k = convert_to_tensor(body, track_meta=False, device=device)[0, ..., slices] > self.body_threshold
+        footprint = body_k.any(-1)  # the in-plane bounding box of the body: the prior is 0 outside it
+        if not footprint.any():
+            return out
+        (lo0, hi0), (lo1, hi1) = _extent(footprint.any(1)), _extent(footprint.any(0))
+        box = (slice(None), slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slices)  # channels, box, slices
+        k, body_k = len(slices), body_k[box[1:3]].movedim(-1, 0).float()  # (K, h, w)
+        doses = torch.tensor([TARGET_DOSES_GY[t] for t in TARGETS], device=device) / max(TARGET_DOSES_GY.values())
+        weights = (targets[box] * doses[:, None, None, None]).amax(0)  # the highest prescription
+        planes = torch.cat([weights.movedim(-1, 0), body_k])[None]  # (1, 2K, h, w)
+        forward, back, step = self._grids(tuple(body_k.shape[1:]), tuple(float(s) for s in voxel_spacing[:2]), device)
+        beam_eye = F.grid_sample(planes, forward, align_corners=True)[0].unflatten(1, (beams, -1))  # (2K, B, N, N)
+        aperture = beam_eye[:k].amax(2, keepdim=True)
+        inside = beam_eye[k:]
+        depth = (inside.cumsum(2) - inside / 2) * step
+        fluence = aperture * torch.exp(-self.mu_per_mm * depth)  # (K, B, N, N)
+        prior = F.grid_sample(fluence.movedim(1, 0), back, align_corners=True) * body_k  # (B, K, h, w)
+        if not self.per_beam:
+            prior = prior.mean(0, keepdim=True)
+        out[box] = prior.movedim(1, -1).to(self.dtype)
+        return out
+
+
+def _extent(profile: torch.Tensor) -> tuple[int, int]:
+    """First and last index where ``profile`` is non-zero."""
+    index = profile.nonzero()[:, 0]
+    return int(index[0]), int(index[-1])
 
 
 class DoseInput(Transform):

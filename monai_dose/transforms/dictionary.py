@@ -10,7 +10,9 @@ from monai.transforms import MapTransform, Randomizable
 from monai.utils import ensure_tuple_rep
 
 from .array import (
+    BEAM_ANGLES_DEG,
     BatchRandAffine,
+    BeamPrior,
     DoseInput,
     MaskDose,
     PackMasks,
@@ -72,6 +74,34 @@ class TargetProximityd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[self.name] = self.transform(d[key])
+        return d
+
+
+class BeamPriord(MapTransform):
+    """Dictionary wrapper of :class:`BeamPrior`: the prior of the structures and body of ``keys`` (the structures,
+    a ``MetaTensor`` whose affine gives the voxel spacing, then the body: possible-dose mask or CT) is written to
+    ``name``. See :class:`BeamPrior` for the other arguments."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("structures", "possible_dose_mask"),
+        name: str = "beam_prior",
+        angles: Sequence[float] = BEAM_ANGLES_DEG,
+        mu_per_mm: float = 0.005,
+        per_beam: bool = False,
+        body_threshold: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 2:
+            raise ValueError(f"expected the structures and body keys, got {self.keys}")
+        self.name = name
+        self.transform = BeamPrior(angles, mu_per_mm, per_beam, body_threshold, dtype)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        d[self.name] = self.transform(*(d[k] for k in self.keys))
         return d
 
 
@@ -216,6 +246,7 @@ class MaskDosed(MapTransform):
 
 
 BatchRandAffineD = BatchRandAffineDict = BatchRandAffined
+BeamPriorD = BeamPriorDict = BeamPriord
 DoseInputD = DoseInputDict = DoseInputd
 SliceNeighboursD = SliceNeighboursDict = SliceNeighboursd
 RandSliceSampleD = RandSliceSampleDict = RandSliceSampled
