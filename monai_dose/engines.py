@@ -28,10 +28,12 @@ class PrepareDoseBatch(PrepareBatch):
     Args:
         input_set: see :data:`monai_dose.transforms.INPUT_SETS`.
         keys: the CT, packed structures, possible-dose mask and dose keys of the batch, in this order, then the
-            target-proximity key for the ``target_proximity`` input set.
+            keys of the input set's derived inputs (:func:`~monai_dose.transforms.derived_inputs`).
         transform: a dictionary transform of the batch tensors (random augmentation), or ``None``.
         dtype: of the assembled input; ``torch.bfloat16`` for a network under bf16 autocast (the values it would
             see anyway, at half the memory traffic).
+        label_masks: append the structure masks of the central slice to the label, after the dose, for a loss
+            that needs them (:class:`~monai_dose.losses.DoseDVHLoss`).
     """
 
     def __init__(
@@ -40,16 +42,19 @@ class PrepareDoseBatch(PrepareBatch):
         keys: Sequence[str] = ("ct", "structures", "possible_dose_mask", "dose"),
         transform: Callable[[dict], dict] | None = None,
         dtype: torch.dtype = torch.float32,
+        label_masks: bool = False,
     ) -> None:
-        if len(keys) not in (4, 5):
+        self.dose_input = DoseInput(input_set, channel_dim=1, dtype=dtype)
+        if len(keys) != 4 + len(self.dose_input.derived):
             raise ValueError(
-                f"expected the CT, structures, possible-dose-mask, dose (and target-proximity) keys, got {keys}"
+                f"expected the CT, structures, possible-dose-mask, dose and {self.dose_input.derived or 'no other'} "
+                f"keys, got {keys}"
             )
         self.keys = tuple(keys)
         self.transform = transform
         self.unpack = UnpackMasks(len(STRUCTURES), channel_dim=1, dtype=dtype)
-        self.dose_input = DoseInput(input_set, channel_dim=1, dtype=dtype)
         self.mask_dose = MaskDose(channel_dim=1)
+        self.label_masks = label_masks
 
     def __call__(
         self,
@@ -61,9 +66,14 @@ class PrepareDoseBatch(PrepareBatch):
         batch = {k: batchdata[k].to(device=device, non_blocking=non_blocking).float() for k in self.keys}
         if self.transform is not None:
             batch = self.transform(batch)
-        ct, structures, mask, dose, *proximity = (batch[k] for k in self.keys)
-        image = self.dose_input(ct, self.unpack(structures), mask, *proximity)
-        return image, self.mask_dose(dose, mask)
+        ct, structures, mask, dose, *derived = (batch[k] for k in self.keys)
+        masks = self.unpack(structures)
+        image = self.dose_input(ct, masks, mask, *derived)
+        label = self.mask_dose(dose, mask)
+        if self.label_masks:
+            stack = ct.shape[1]  # slices per 2.5D stack: the masks are mask-major, the central slice at stack // 2
+            label = torch.cat([label, masks[:, stack // 2 :: stack].to(label.dtype)], 1)
+        return image, label
 
 
 class StochasticWeightAveraging:

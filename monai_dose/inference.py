@@ -22,7 +22,7 @@ from .data.openkbp import IMAGE_KEYS, STRUCTURES
 from .inferers import AxialSliceInferer, FlipTTAInferer
 from .precision import resolve_precision
 from .transforms import (
-    PROXIMITY_SET,
+    BeamPrior,
     BinariseMask,
     DoseInput,
     EnsureOpenKBPCT,
@@ -155,7 +155,6 @@ class DosePredictor:
         self.network = network.to(self.device, memory_format=layout).eval()
         self.spatial_dims = spatial_dims
         self.input = DoseInput(input_set)
-        self.proximity = TargetProximity() if input_set == PROXIMITY_SET else None
         self.neighbours = SliceNeighbours(neighbours) if neighbours else None
         self.inferer: Inferer = AxialSliceInferer(sw_batch_size) if spatial_dims == 2 else SimpleInferer()
         if tta:
@@ -236,12 +235,13 @@ class DosePredictor:
         if not (mask_t > 0).any():
             raise ValueError("the possible-dose mask is empty")
         struct_t = struct_t.movedim(-1, 0)
-        proximity = None
-        if self.proximity is not None:
-            if voxel_spacing is None:
-                raise ValueError(f"input set '{PROXIMITY_SET}' needs the voxel spacing: pass voxel_spacing")
-            proximity = self.proximity(struct_t, voxel_spacing).to(self.device)
-        image = self.input(ct_t[None], struct_t, mask_t, proximity)
+        if self.input.derived and voxel_spacing is None:
+            raise ValueError(f"input set '{self.input.input_set}' needs the voxel spacing: pass voxel_spacing")
+        derived = {
+            "target_proximity": lambda: TargetProximity()(struct_t, voxel_spacing),
+            "beam_prior": lambda: BeamPrior()(struct_t, mask_t, voxel_spacing),
+        }
+        image = self.input(ct_t[None], struct_t, mask_t, *(derived[k]().to(self.device) for k in self.input.derived))
         if self.neighbours is not None:
             image = self.neighbours(image)
         return image, mask_t
@@ -277,7 +277,7 @@ class DosePredictor:
             structures: ``(H, W, D, 10)`` masks in :data:`monai_dose.data.STRUCTURES` order, with at least one
                 target; any non-zero voxel is inside (values other than 0/1 are warned about).
             possible_dose_mask: ``(H, W, D)`` mask of where dose may be non-zero, read as ``structures``.
-            voxel_spacing: in mm, needed by the ``target_proximity`` input set unless ``structures`` is a
+            voxel_spacing: in mm, needed by the input sets with derived inputs unless ``structures`` is a
                 ``MetaTensor`` (whose affine gives it).
             mask_threshold: voxels ``>= mask_threshold`` are inside the masks; needed for masks that are not
                 integer label maps (a probability map is refused without it).

@@ -112,6 +112,26 @@ def test_fine_tune_into_target_proximity_input(trained, tmp_path, openkbp_dir):
         torch.testing.assert_close(after[:, channel], expected, msg=name)
 
 
+def test_fine_tune_into_beam_prior_input_with_dvh_loss(trained, tmp_path, openkbp_dir):
+    """The target-proximity network fine-tunes with the beam-prior input (the prior cached, sampled and augmented
+    with the other volumes; its channels start at zero) under the DVH-aware loss (the label carries the masks)."""
+    pretrained = trained / "models" / "model.pt"
+    bundle_run(
+        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "--input_set", "beam_prior", "--pretrained_ckpt", str(pretrained), "--pretrained_input_set",
+        "target_proximity", "--dvh_weight", "0.5", "--learning_rate", "0.0", "--weight_decay", "0.0",
+        *SMALL_DATA, *SMALL_RUN, *TINY,
+    )  # fmt: skip
+    key = "encoders.0.0.conv.weight"
+    before = torch.load(pretrained, weights_only=True)[key]
+    after = torch.load(tmp_path / "models" / "model.pt", weights_only=True)[key]
+    old, new = input_channel_names("target_proximity", 1), input_channel_names("beam_prior", 1)
+    assert after.shape[1] == len(new) == 48
+    for channel, name in enumerate(new):
+        expected = before[:, old.index(name)] if name in old else torch.zeros_like(after[:, channel])
+        torch.testing.assert_close(after[:, channel], expected, msg=name)
+
+
 def test_ema_is_validated_and_saved(trained, tmp_path, openkbp_dir):
     """``--ema_momentum m``: an exponential moving average of the weights, started from the pretrained weights,
     is what validation scores and ``model.pt`` holds; the epoch checkpoint keeps both for resuming."""
@@ -188,7 +208,7 @@ def test_average_weights_command(trained, tmp_path, capsys):
     assert not bad.exists()
 
 
-@pytest.mark.parametrize("input_set", ["reference", "target_proximity"])
+@pytest.mark.parametrize("input_set", ["reference", "target_proximity", "beam_prior"])
 def test_training_cache_holds_the_deterministic_preprocessing(input_set, openkbp_dir):
     """The cache of the training set holds each volume loaded, its masks packed, its target proximity computed,
     slice-major (each axial slice contiguous, as the slice sampler reads them): only slice sampling and augmentation
@@ -200,12 +220,15 @@ def test_training_cache_holds_the_deterministic_preprocessing(input_set, openkbp
     parser.update({"dataset_dir": str(openkbp_dir), "num_train": 1, "cache_workers": 0, "input_set": input_set})
     cached = parser.get_parsed_content("train#dataset")._cache[0]
     assert cached["structures"].shape[0] == 1 and cached["structures"].dtype == torch.int16  # packed
-    assert ("target_proximity" in cached) == (input_set == "target_proximity")
+    assert ("target_proximity" in cached) == (input_set != "reference")
+    assert ("beam_prior" in cached) == (input_set == "beam_prior")
     for key, volume in cached.items():
         if isinstance(volume, torch.Tensor):
             assert volume.movedim(-1, 0).is_contiguous(), key
-    if input_set == "target_proximity":
+    if input_set != "reference":
         assert cached["target_proximity"].shape == (3, 128, 128, 128) and cached["target_proximity"].max() == 1
+    if input_set == "beam_prior":
+        assert cached["beam_prior"].shape == (1, 128, 128, 128) and 0.5 < cached["beam_prior"].max() <= 1
 
 
 def test_adapted_weights_predict_as_before(tmp_path, openkbp_dir):

@@ -14,6 +14,7 @@ from monai_dose.engines import PrepareDoseBatch
 from monai_dose.transforms import (
     BatchRandAffine,
     BatchRandAffined,
+    BeamPrior,
     DoseInput,
     DoseInputd,
     MaskDose,
@@ -26,6 +27,7 @@ from monai_dose.transforms import (
     TargetProximity,
     TargetProximityd,
     UnpackMasks,
+    derived_inputs,
     input_channel_names,
     input_channels,
     mask_channel,
@@ -106,10 +108,19 @@ def test_dose_input_target_proximity_channels():
     reference = DoseInput()(p["ct"], p["structures"], p["possible_dose_mask"])
     assert torch.equal(image[names.index("PTV63_proximity")], proximity[1])
     assert torch.equal(image[[i for i, n in enumerate(names) if "proximity" not in n]], reference)
-    with pytest.raises(ValueError, match="needs the target proximity"):
+    with pytest.raises(ValueError, match=r"input set 'target_proximity' needs \['target_proximity'\]"):
         DoseInput("target_proximity")(p["ct"], p["structures"], p["possible_dose_mask"])
-    with pytest.raises(ValueError, match="target-proximity channels"):
+    with pytest.raises(ValueError, match="expected 3 target_proximity channels, got 2"):
         DoseInput("target_proximity")(p["ct"], p["structures"], p["possible_dose_mask"], proximity[:2])
+    # the beam-prior input set: the proximity set's channels and the prior before the mask
+    prior = BeamPrior()(p["structures"], p["possible_dose_mask"], voxel_spacing=(4.0, 4.0, 2.5))
+    beam = DoseInput("beam_prior")(p["ct"], p["structures"], p["possible_dose_mask"], proximity, prior)
+    names = input_channel_names("beam_prior")
+    assert beam.shape[0] == len(names) == 16 and names[-2:] == ["beam_prior", "possible_dose_mask"]
+    assert torch.equal(beam[names.index("beam_prior")], prior[0])
+    assert torch.equal(beam[[i for i, n in enumerate(names) if n != "beam_prior"]], image)
+    with pytest.raises(ValueError, match=r"beam_prior \(16, 16, 8\): not on the same grid"):
+        DoseInput("beam_prior")(p["ct"], p["structures"], p["possible_dose_mask"], proximity, prior[..., :8])
 
 
 def test_input_channel_names_are_channel_major():
@@ -240,14 +251,16 @@ def test_batch_augmentation_keeps_masks_exact_and_aligned():
     assert not torch.equal(moved_plain["structures"], plain["structures"])
 
 
-@pytest.mark.parametrize("input_set, channels", [("reference", 36), ("merged_targets", 30), ("target_proximity", 45)])
+@pytest.mark.parametrize(
+    "input_set, channels",
+    [("reference", 36), ("merged_targets", 30), ("target_proximity", 45), ("beam_prior", 48)],
+)
 def test_prepare_dose_batch_equals_per_sample_input_assembly(input_set, channels):
     patients = [synthetic_patient(seed=i) for i in range(2)]
-    keys = list(KEYS)
-    if input_set == "target_proximity":
-        keys.append("target_proximity")
-        for p in patients:
-            p["target_proximity"] = TargetProximity()(p["structures"], voxel_spacing=(4.0, 4.0, 2.5))
+    keys = [*KEYS, *derived_inputs(input_set)]
+    for p in patients:
+        p["target_proximity"] = TargetProximity()(p["structures"], voxel_spacing=(4.0, 4.0, 2.5))
+        p["beam_prior"] = BeamPrior()(p["structures"], p["possible_dose_mask"], voxel_spacing=(4.0, 4.0, 2.5))
     input_keys = [k for k in keys if k != "dose"]
 
     def sample(pack: bool) -> list[dict]:
@@ -266,6 +279,11 @@ def test_prepare_dose_batch_equals_per_sample_input_assembly(input_set, channels
     image_bf16, label_bf16 = PrepareDoseBatch(input_set, keys, dtype=torch.bfloat16)(list_data_collate(packed), "cpu")
     assert image_bf16.dtype == torch.bfloat16 and torch.equal(image_bf16, image.to(torch.bfloat16))
     assert torch.equal(label_bf16, label)
+    # for the DVH-aware loss, the label carries the central slice's structure masks after the dose
+    _, label_masks = PrepareDoseBatch(input_set, keys, label_masks=True)(list_data_collate(packed), "cpu")
+    assert label_masks.shape == (6, 11, 16, 16) and torch.equal(label_masks[:, :1], label)
+    for i, s in enumerate(plain):
+        assert torch.equal(label_masks[i, 1:], s["structures"][1::3])  # mask-major, the central of 3 slices
 
 
 def test_prepare_dose_batch_augments_before_assembly():

@@ -2,7 +2,9 @@
 
 from .array import (
     BEAM_ANGLES_DEG,
+    BEAM_SET,
     CT_RANGE,
+    DERIVED_INPUTS,
     INPUT_SETS,
     PROXIMITY_SET,
     BatchRandAffine,
@@ -15,6 +17,7 @@ from .array import (
     SliceNeighbours,
     TargetProximity,
     UnpackMasks,
+    derived_inputs,
     input_channel_names,
     input_channels,
     mask_channel,
@@ -70,7 +73,9 @@ from .inputs import (
 
 __all__ = [
     "BEAM_ANGLES_DEG",
+    "BEAM_SET",
     "CT_RANGE",
+    "DERIVED_INPUTS",
     "HU_AIR_FRACTION",
     "HU_AIR_THRESHOLD",
     "HU_OFFSET",
@@ -126,6 +131,7 @@ __all__ = [
     "TargetProximityd",
     "UnpackMasks",
     "check_voxel_spacing",
+    "derived_inputs",
     "input_channel_names",
     "input_channels",
     "source_name",

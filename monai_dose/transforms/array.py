@@ -25,10 +25,18 @@ from ..data.openkbp import OARS, STRUCTURES, TARGET_DOSES_GY, TARGETS
 CT_RANGE = (0.0, 4095.0)
 """OpenKBP CT values (HU + 1024) are clipped to this range, then scaled to 0..1."""
 PROXIMITY_SET = "target_proximity"
+BEAM_SET = "beam_prior"
+DERIVED_INPUTS: dict[str, tuple[str, ...]] = {
+    "target_proximity": tuple(f"{t}_proximity" for t in TARGETS),
+    "beam_prior": ("beam_prior",),
+}
+"""Inputs computed from the structures (and body) for some input sets: key -> its channel names, in the order
+:class:`DoseInput` takes them (:class:`TargetProximity`, :class:`BeamPrior`)."""
 INPUT_SETS: dict[str, tuple[str, ...]] = {
     "reference": ("ct", *STRUCTURES, "possible_dose_mask"),
     "merged_targets": ("ct", *OARS, "targets", "possible_dose_mask"),
-    PROXIMITY_SET: ("ct", *STRUCTURES, *(f"{t}_proximity" for t in TARGETS), "possible_dose_mask"),
+    PROXIMITY_SET: ("ct", *STRUCTURES, *DERIVED_INPUTS["target_proximity"], "possible_dose_mask"),
+    BEAM_SET: ("ct", *STRUCTURES, *DERIVED_INPUTS["target_proximity"], "beam_prior", "possible_dose_mask"),
 }
 """Input channel sets: the names of their channels per slice.
 
@@ -38,7 +46,15 @@ INPUT_SETS: dict[str, tuple[str, ...]] = {
 - ``target_proximity``: the reference channels and, before the mask, the proximity of each voxel to each target
   in 3D (:class:`TargetProximity`; 15 channels): a slice-wise network then knows how far the targets are even
   where they lie beyond its slices.
+- ``beam_prior``: the ``target_proximity`` channels and, before the mask, the prior of the dose the 9 OpenKBP
+  fields can deliver (:class:`BeamPrior`; 16 channels).
 """
+
+
+def derived_inputs(input_set: str) -> list[str]:
+    """The keys of :data:`DERIVED_INPUTS` that ``input_set`` takes, in :class:`DoseInput`'s order."""
+    names = set(input_channel_names(input_set))
+    return [key for key, channels in DERIVED_INPUTS.items() if set(channels) <= names]
 
 
 def input_channel_names(input_set: str = "reference", neighbours: int = 0) -> list[str]:
@@ -215,13 +231,13 @@ def _extent(profile: torch.Tensor) -> tuple[int, int]:
 
 
 class DoseInput(Transform):
-    """Assemble the network input from CT, structure masks, target proximity (``target_proximity`` input set
-    only) and possible-dose mask.
+    """Assemble the network input from CT, structure masks, the derived inputs of the input set (target proximity,
+    beam prior: :func:`derived_inputs`) and possible-dose mask.
 
     The CT is clipped to 0..4095 and scaled to 0..1; masks become float {0, 1}. For 2.5D input (``S`` stacked
     slices per channel, see :class:`RandSliceSample`) the CT has ``S`` channels, the structures ``10 * S``, the
-    proximity ``3 * S`` and the mask ``S``; the output then has ``input_channels(input_set) * S`` channels in the
-    same channel-major order.
+    proximity ``3 * S``, the beam prior ``S`` and the mask ``S``; the output then has
+    ``input_channels(input_set) * S`` channels in the same channel-major order.
 
     Args:
         input_set: a key of :data:`INPUT_SETS`.
@@ -231,7 +247,7 @@ class DoseInput(Transform):
     """
 
     def __init__(self, input_set: str = "reference", channel_dim: int = 0, dtype: torch.dtype = torch.float32) -> None:
-        input_channels(input_set)
+        self.derived = derived_inputs(input_set)
         self.input_set = input_set
         self.channel_dim = channel_dim
         self.dtype = dtype
@@ -241,9 +257,9 @@ class DoseInput(Transform):
         ct: NdarrayOrTensor,
         structures: NdarrayOrTensor,
         possible_dose_mask: NdarrayOrTensor,
-        target_proximity: NdarrayOrTensor | None = None,
+        *derived: NdarrayOrTensor,
     ) -> torch.Tensor:
-        """``target_proximity`` (of :class:`TargetProximity`) is required by the ``target_proximity`` input set."""
+        """``derived``: the derived inputs of the input set, in :func:`derived_inputs` order."""
         dim = self.channel_dim
         ct_t = convert_to_tensor(ct, track_meta=False, dtype=torch.float32)
         struct_t = convert_to_tensor(structures, track_meta=False, dtype=self.dtype)
@@ -251,21 +267,18 @@ class DoseInput(Transform):
         stack = ct_t.shape[dim]
         if struct_t.shape[dim] != len(STRUCTURES) * stack:
             raise ValueError(f"expected {len(STRUCTURES)} structure channels, got {struct_t.shape[dim] // stack}")
-        extra = []
-        if self.input_set == PROXIMITY_SET:
-            if target_proximity is None:
-                raise ValueError(f"input set '{PROXIMITY_SET}' needs the target proximity (TargetProximity)")
-            extra = [convert_to_tensor(target_proximity, track_meta=False, dtype=self.dtype)]
-            if extra[0].shape[dim] != len(TARGETS) * stack:
-                raise ValueError(
-                    f"expected {len(TARGETS)} target-proximity channels, got {extra[0].shape[dim] // stack}"
-                )
+        if len(derived) != len(self.derived):
+            raise ValueError(f"input set '{self.input_set}' needs {self.derived or 'no derived inputs'}")
+        extra = [convert_to_tensor(t, track_meta=False, dtype=self.dtype) for t in derived]
+        for key, tensor in zip(self.derived, extra, strict=True):
+            if tensor.shape[dim] != len(DERIVED_INPUTS[key]) * stack:
+                expected = len(DERIVED_INPUTS[key])
+                raise ValueError(f"expected {expected} {key} channels, got {tensor.shape[dim] // stack}")
         grids = [tuple(t.shape[:dim] + t.shape[dim + 1 :]) for t in (ct_t, struct_t, mask_t, *extra)]
         if len(set(grids)) > 1:
+            names = ["CT", "structures", "possible-dose mask", *self.derived]
             raise ValueError(
-                f"CT {grids[0][dim:]}, structures {grids[1][dim:]}, possible-dose mask {grids[2][dim:]}"
-                + (f" and target proximity {grids[3][dim:]}" if extra else "")
-                + " are not on the same grid"
+                ", ".join(f"{n} {g[dim:]}" for n, g in zip(names, grids, strict=True)) + ": not on the same grid"
             )
         ct_t = ((ct_t.clamp(*CT_RANGE) - CT_RANGE[0]) / (CT_RANGE[1] - CT_RANGE[0])).to(self.dtype)
         if self.input_set == "merged_targets":

@@ -27,8 +27,8 @@ class DoseInputd(MapTransform):
     """Dictionary wrapper of :class:`DoseInput`: writes the network input to ``name``.
 
     Args:
-        keys: the CT, structures and possible-dose-mask keys, in this order, then the target-proximity key for
-            the ``target_proximity`` input set.
+        keys: the CT, structures and possible-dose-mask keys, in this order, then the keys of the input set's
+            derived inputs (:func:`~monai_dose.transforms.array.derived_inputs`).
         name: key of the assembled input.
         input_set: see :data:`monai_dose.transforms.array.INPUT_SETS`.
     """
@@ -41,12 +41,13 @@ class DoseInputd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if len(self.keys) not in (3, 4):
+        self.transform = DoseInput(input_set)
+        if len(self.keys) != 3 + len(self.transform.derived):
             raise ValueError(
-                f"expected the CT, structures, possible-dose-mask (and target-proximity) keys, got {self.keys}"
+                f"expected the CT, structures, possible-dose-mask and {self.transform.derived or 'no other'} keys, "
+                f"got {self.keys}"
             )
         self.name = name
-        self.transform = DoseInput(input_set)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
