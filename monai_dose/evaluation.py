@@ -247,6 +247,12 @@ def evaluate_predictions(
         raise ValueError(f"{predictions_dir}: patients not in the '{split}' split of {data_dir}: {', '.join(unknown)}")
     check_writable(out_dir)
     patients = [pid for pid in items if pid in predictions]
+    missing = [pid for pid in items if pid not in predictions]
+    if missing:
+        logger.warning(
+            f"{predictions_dir}: predictions for {len(patients)} of the {len(items)} '{split}' patients; the scores "
+            f"are of these only, not comparable with scores of the whole split (missing: {', '.join(missing)})"
+        )
     with tqdm(patients, desc="evaluate", unit="patient") as progress:  # closed (a new line) on errors too
         results = [_load_patient(items[pid], predictions[pid]) for pid in progress]
     return write_evaluation(results, out_dir)

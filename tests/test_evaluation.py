@@ -50,6 +50,18 @@ def test_scores_reproduce_the_official_evaluator(evaluated: Path, oracle_dir: Pa
     assert_same(ours, official, "scores.json")
 
 
+def test_partial_predictions_warned(
+    openkbp_dir: Path, oracle_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Scores of 5 of the 33 validation patients are not scores of the split: the run says so, naming the others."""
+    with caplog.at_level(logging.WARNING, logger="monai_dose.evaluation"):
+        args = ["evaluate", "--data", str(openkbp_dir), "--predictions", str(oracle_dir), "--out", str(tmp_path)]
+        assert main(args) == 0
+    warning = next(m for m in caplog.messages if "predictions for" in m)
+    assert f"{oracle_dir}: predictions for 5 of the 33 'validation' patients" in warning
+    assert "pt_205" not in warning and "pt_207" in warning and "pt_201" not in warning.split("missing:")[1]
+
+
 def test_csv_and_dvh_plots(evaluated: Path):
     with (evaluated / "scores_per_patient.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
