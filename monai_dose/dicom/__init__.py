@@ -1,6 +1,15 @@
 """Clinical input and output: a DICOM CT series and RTSTRUCT in, an RT Dose (plus NIfTI and DVH) out."""
 
-from .io import CTSeries, StructureSet, read_ct_series, read_dicom, read_rtplan, read_rtstruct, write_rtdose
+from .io import (
+    CTSeries,
+    StructureSet,
+    read_ct_series,
+    read_dicom,
+    read_rtdose,
+    read_rtplan,
+    read_rtstruct,
+    write_rtdose,
+)
 from .names import (
     BODY_PATTERN,
     HELPER_PATTERN,
@@ -40,6 +49,7 @@ __all__ = [
     "predict_dicom",
     "read_ct_series",
     "read_dicom",
+    "read_rtdose",
     "read_rtplan",
     "read_rtstruct",
     "resample",

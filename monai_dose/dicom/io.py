@@ -139,11 +139,7 @@ def read_ct_series(folder: str | os.PathLike, series_uid: str | None = None) -> 
                 f"({gap:.3f} mm apart, the series' slice spacing is {step:.3f} mm)"
             )
 
-    affine = np.eye(4)
-    affine[:3, 0] = column_dir * row_spacing  # down the rows
-    affine[:3, 1] = row_dir * column_spacing  # along a row
-    affine[:3, 2] = normal * step
-    affine[:3, 3] = geometry[order[0]][0]
+    affine = plane_stack_affine(orientation, row_spacing, column_spacing, step, geometry[order[0]][0])
     hu = np.empty((rows, columns, len(files)), dtype=np.float32)
     for k, (path, ds) in enumerate(files):
         try:
@@ -225,6 +221,57 @@ class StructureSet:
                     f"outside the CT series of {self.ct.folder}"
                 )
         return create_series_mask_from_contour_sequence(self.ct.slices, self.contours.get(number, []))
+
+
+def plane_stack_affine(
+    orientation: np.ndarray, row_spacing: float, column_spacing: float, step: float, origin: np.ndarray
+) -> np.ndarray:
+    """Voxel ``(row, column, frame)`` to patient (LPS, mm) affine of a stack of DICOM image planes with
+    ImageOrientationPatient ``orientation``, PixelSpacing ``(row_spacing, column_spacing)``, ``step`` mm between
+    planes along their normal and ImagePositionPatient ``origin`` of the first."""
+    row_dir, column_dir = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    affine = np.eye(4)
+    affine[:3, 0] = column_dir * row_spacing  # down the rows
+    affine[:3, 1] = row_dir * column_spacing  # along a row
+    affine[:3, 2] = np.cross(row_dir, column_dir) * step
+    affine[:3, 3] = origin
+    return affine
+
+
+def read_rtdose(path: str | os.PathLike, ct: CTSeries) -> tuple[np.ndarray, np.ndarray]:
+    """The dose (Gy: pixel values times DoseGridScaling, ``(rows, columns, frames)``) of an RTDOSE file and its
+    voxel-to-patient affine, checked to be of the CT's patient and frame of reference.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an RTDOSE in Gy, another PatientID or frame of reference than the CT's, or no usable
+            dose grid, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such RTDOSE file")
+    ds = read_dicom(path)
+    if ds.get("Modality") != "RTDOSE" or "PixelData" not in ds:
+        raise ValueError(f"{path}: not an RTDOSE with pixel data (modality {ds.get('Modality')})")
+    if problem := ct_mismatch(ds, path, ct, ("FrameOfReferenceUID", "PatientID")):
+        raise ValueError(f"{problem}: another patient's or another setup's dose")
+    if ds.get("DoseUnits") != "GY":
+        raise ValueError(f"{path}: dose units {ds.get('DoseUnits')!r}, not GY")
+    try:
+        row_spacing, column_spacing = (float(s) for s in ds.PixelSpacing)
+        frames = int(ds.get("NumberOfFrames", 1))
+        offsets = np.array(ds.GridFrameOffsetVector if frames > 1 else [0.0], dtype=np.float64)
+        dose = pixel_array(ds).reshape(frames, int(ds.Rows), int(ds.Columns)).transpose(1, 2, 0)
+        dose = dose * float(ds.DoseGridScaling)
+        orientation = np.array(ds.ImageOrientationPatient, dtype=np.float64)
+        origin = np.array(ds.ImagePositionPatient, dtype=np.float64)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: RTDOSE without a usable dose grid ({type(err).__name__}: {err})") from err
+    offsets -= offsets[0]  # relative to the first frame, whether stored relative or as absolute positions
+    step = float(np.median(np.diff(offsets))) if frames > 1 else 1.0
+    if frames > 1 and (step == 0 or np.abs(np.diff(offsets) - step).max() > 0.01 * abs(step)):
+        raise ValueError(f"{path}: unevenly spaced dose frames (GridFrameOffsetVector {offsets.tolist()})")
+    return dose.astype(np.float32), plane_stack_affine(orientation, row_spacing, column_spacing, step, origin)
 
 
 def read_rtplan(path: str | os.PathLike, ct: CTSeries) -> Dataset:

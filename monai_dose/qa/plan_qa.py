@@ -17,11 +17,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from pydicom.pixels import pixel_array
 from tqdm import tqdm
 
 from monai_dose.data.openkbp import DOSE_KEY, IMAGE_KEYS, OARS, STRUCTURES, TARGETS, patient_folder_datalist
-from monai_dose.dicom.io import CTSeries, read_dicom
+from monai_dose.dicom.io import CTSeries, read_rtdose
 from monai_dose.dicom.predict import (
     DVH_CONVENTION,
     Predictor,
@@ -295,49 +294,11 @@ def plan_qa_nifti(
 
 
 def read_plan_rtdose(path: str | os.PathLike, ct: CTSeries) -> np.ndarray:
-    """The plan's dose (Gy) of an RTDOSE file, pixel values times DoseGridScaling, linearly interpolated onto the
-    CT grid (zero outside the dose grid).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not an RTDOSE in Gy, another PatientID or frame of reference than the CT's, or no usable
-            dose grid, naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such RTDOSE file")
-    ds = read_dicom(path)
-    if ds.get("Modality") != "RTDOSE" or "PixelData" not in ds:
-        raise ValueError(f"{path}: not an RTDOSE with pixel data (modality {ds.get('Modality')})")
-    reference = ct.slices[0]
-    for keyword in ("FrameOfReferenceUID", "PatientID"):
-        if ds.get(keyword) != reference.get(keyword):
-            raise ValueError(
-                f"{path}: {keyword} {ds.get(keyword)!r} is not the CT's ({reference.get(keyword)!r}): another "
-                "patient's or another setup's dose"
-            )
-    if ds.get("DoseUnits") != "GY":
-        raise ValueError(f"{path}: dose units {ds.get('DoseUnits')!r}, not GY")
-    try:
-        orientation = np.array(ds.ImageOrientationPatient, dtype=np.float64)
-        row_spacing, column_spacing = (float(s) for s in ds.PixelSpacing)
-        frames = int(ds.get("NumberOfFrames", 1))
-        offsets = np.array(ds.GridFrameOffsetVector if frames > 1 else [0.0], dtype=np.float64)
-        scaling = float(ds.DoseGridScaling)
-        dose = pixel_array(ds).reshape(frames, int(ds.Rows), int(ds.Columns)).transpose(1, 2, 0) * scaling
-        origin = np.array(ds.ImagePositionPatient, dtype=np.float64)
-    except (AttributeError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: RTDOSE without a usable dose grid ({type(err).__name__}: {err})") from err
-    offsets -= offsets[0]  # relative to the first frame, whether stored relative or as absolute positions
-    step = float(np.median(np.diff(offsets))) if frames > 1 else 1.0
-    if frames > 1 and (step == 0 or np.abs(np.diff(offsets) - step).max() > 0.01 * abs(step)):
-        raise ValueError(f"{path}: unevenly spaced dose frames (GridFrameOffsetVector {offsets.tolist()})")
-    affine = np.eye(4)
-    affine[:3, 0] = orientation[3:] * row_spacing  # down the rows
-    affine[:3, 1] = orientation[:3] * column_spacing  # along a row
-    affine[:3, 2] = np.cross(orientation[:3], orientation[3:]) * step
-    affine[:3, 3] = origin
-    return resample(dose.astype(np.float32), affine, ct.affine, ct.hu.shape, order=1)
+    """The plan's dose (Gy) of an RTDOSE file (:func:`~monai_dose.dicom.io.read_rtdose`: DoseGridScaling applied,
+    the CT's patient and frame of reference checked), linearly interpolated onto the CT grid (zero outside the
+    dose grid)."""
+    dose, affine = read_rtdose(path, ct)
+    return resample(dose, affine, ct.affine, ct.hu.shape, order=1)
 
 
 def plan_qa_dicom(
