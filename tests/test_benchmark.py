@@ -16,6 +16,7 @@ from monai_dose.inference import DosePredictor
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "openkbp_dose"
 
 
+@pytest.mark.slow
 def test_benchmark_reports_inference_and_training(tmp_path, openkbp_dir, capsys):
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE / "configs", bundle / "configs")
