@@ -21,8 +21,9 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from .data.openkbp import load_openkbp_datalist, patient_folder_datalist
-from .inference import DosePredictor, load_patient, save_dose
+from .inference import DosePredictor, load_patient
 from .precision import cpu_capability, native_bf16, resolve_precision
+from .transforms import save_dose
 from .utils import as_device
 
 CPU_THREADS = 2
@@ -91,12 +92,12 @@ def benchmark_inference(
             marks = [time.perf_counter()]
             data = load_patient(patient)
             marks.append(time.perf_counter())
-            image, mask = predictor.prepare(data["ct"], data["structures"], data["possible_dose_mask"])
+            prepared = predictor.prepare(data["ct"], data["structures"], data["possible_dose_mask"])
             marks.append(time.perf_counter())
-            raw = predictor.predict(image, mask)
+            raw = predictor.predict(prepared)
             synchronize(predictor.device)
             marks.append(time.perf_counter())
-            dose = predictor.postprocess(raw, mask)
+            dose = predictor.postprocess(raw, prepared)
             marks.append(time.perf_counter())
             save_dose(dose, patient["ct"], Path(tmp) / "dose.nii.gz")
             marks.append(time.perf_counter())

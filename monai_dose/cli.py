@@ -56,7 +56,7 @@ def _benchmark(args: argparse.Namespace) -> None:
 def _average_weights(args: argparse.Namespace) -> None:
     import torch
 
-    from .inference import average_weights
+    from .checkpoints import average_weights
     from .utils import write_atomic
 
     state = average_weights(args.checkpoints)

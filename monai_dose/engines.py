@@ -1,19 +1,40 @@
-"""Engine helpers for dose-prediction training with MONAI's ``SupervisedTrainer``."""
+"""Engines and engine helpers for dose prediction: training with MONAI's ``SupervisedTrainer``, weight averages,
+checkpoints that resume, and the inference evaluator that isolates bad patients."""
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint
-from monai.engines import PrepareBatch, Workflow
+from ignite.handlers import Checkpoint, EMAHandler, ProgressBar
+from monai.data import Dataset
+from monai.engines import PrepareBatch, SupervisedEvaluator, Workflow
 from monai.handlers import CheckpointSaver
 from torch.optim.swa_utils import AveragedModel
 
 from .data.openkbp import STRUCTURES
+from .networks import MaskedDose
 from .transforms.array import DoseInput, MaskDose, UnpackMasks
+from .transforms.io import patient_id
+from .utils import check_writable
+
+logger = logging.getLogger(__name__)
+
+PATIENT_ERRORS = (ValueError, FileNotFoundError, OSError, RuntimeError)
+"""What a bad patient input raises (a transform's error reaches the caller wrapped in MONAI's ``RuntimeError``)."""
+ERROR_KEY = "error"
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The error a transform raised, unwrapped from the ``RuntimeError("applying transform ...")`` chain that
+    MONAI's ``apply_transform`` wraps it in."""
+    while isinstance(error, RuntimeError) and error.__cause__ is not None and str(error).startswith("applying"):
+        error = error.__cause__
+    return error
 
 
 class PrepareDoseBatch(PrepareBatch):
@@ -172,3 +193,94 @@ class ValidationState:
         self.evaluator.state.best_metric = state_dict["best_metric"]
         self.evaluator.state.best_metric_epoch = state_dict["best_metric_epoch"]
         self.saver.load_state_dict(state_dict["saver"])
+
+
+def validated_network(
+    network: torch.nn.Module, ema: EMAHandler | None = None, swa: StochasticWeightAveraging | None = None
+) -> torch.nn.Module:
+    """The network that validation scores and ``model.pt`` keeps: the weight average of ``ema`` or ``swa`` where
+    one is enabled, else ``network``."""
+    if ema is not None:
+        return ema.ema_model
+    if swa is not None:
+        return swa.averaged_model
+    return network
+
+
+def bare_network(model: torch.nn.Module) -> torch.nn.Module:
+    """The dose network inside ``model``'s (Distributed)DataParallel and :class:`~monai_dose.networks.MaskedDose`
+    wrappers: what ``model.pt`` holds."""
+    if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model.network if isinstance(model, MaskedDose) else model
+
+
+class ProgressBarHandler:
+    """ignite's ``ProgressBar`` of the training loss, updated every ``every`` iterations, as a MONAI handler."""
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+
+    def attach(self, engine: Engine) -> None:
+        ProgressBar(persist=False).attach(
+            engine,
+            output_transform=lambda out: {"loss": out[0]["loss"]},
+            event_name=Events.ITERATION_COMPLETED(every=self.every),
+        )
+
+
+class PatientDataset(Dataset):
+    """MONAI ``Dataset`` of patients whose preprocessing may fail on a bad input: such a patient comes back as
+    ``{"id": ..., "error": problem}`` (:func:`root_cause` of :data:`PATIENT_ERRORS`), for
+    :class:`DoseInferenceEvaluator` to report while the others are predicted."""
+
+    def _transform(self, index: int):  # noqa: ANN202
+        item = self.data[index]
+        try:
+            return {"id": patient_id(item), **super()._transform(index)}
+        except PATIENT_ERRORS as err:
+            return {"id": patient_id(item), ERROR_KEY: str(root_cause(err))}
+
+
+class DoseInferenceEvaluator(SupervisedEvaluator):
+    """MONAI's ``SupervisedEvaluator`` for predicting new patients one by one (batch size 1): a patient whose input
+    is bad (an ``error`` item of :class:`PatientDataset`, or :data:`PATIENT_ERRORS` from the network or the
+    postprocessing, such as an id that is not a folder name) is logged with its id and problem and skipped; the
+    others are still predicted. At the end, a ``RuntimeError`` lists the failed patients, if any.
+
+    Args:
+        output_dir: where the postprocessing writes; checked to be writable before the first patient, and named
+            at the end.
+        args, kwargs: those of ``SupervisedEvaluator``.
+    """
+
+    def __init__(self, *args, output_dir: str | os.PathLike | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.output_dir = output_dir
+        self.failures: dict[str, str] = {}
+        self.add_event_handler(Events.STARTED, self._start)
+        self.add_event_handler(Events.COMPLETED, self._report)
+
+    def _start(self, engine: Engine) -> None:
+        self.failures.clear()
+        if self.output_dir is not None:
+            check_writable(self.output_dir)
+
+    def _iteration(self, engine: Engine, batchdata: dict) -> dict:  # type: ignore[override]
+        patient = str(batchdata["id"][0]) if "id" in batchdata else str(engine.state.iteration)
+        try:
+            if ERROR_KEY in batchdata:
+                raise ValueError(batchdata[ERROR_KEY][0])
+            return super()._iteration(engine, batchdata)
+        except PATIENT_ERRORS as err:
+            self.failures[patient] = str(root_cause(err))
+            logger.error("patient %s: %s", patient, self.failures[patient])
+            return {}
+
+    def _report(self, engine: Engine) -> None:
+        total = len(self.data_loader)  # type: ignore[arg-type]
+        if self.output_dir is not None:
+            print(f"predicted {total - len(self.failures)} of {total} patients into {self.output_dir}")
+        if self.failures:
+            details = "; ".join(f"{k}: {v}" for k, v in self.failures.items())
+            raise RuntimeError(f"{len(self.failures)} of {total} patients failed ({details})")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,19 +61,3 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def latest_checkpoint(directory: str | os.PathLike, pattern: str = "checkpoint_*.pt") -> str:
-    """The newest checkpoint matching ``pattern`` in ``directory`` that loads completely, or ``""`` if none.
-
-    MONAI's ``CheckpointSaver`` writes in place, so a run killed while saving leaves a truncated newest file: it
-    is skipped with a warning, and training resumes from the one before.
-    """
-    for path in sorted(Path(directory).glob(pattern), key=os.path.getmtime, reverse=True):
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as error:
-            logger.warning(f"{path}: incomplete or unreadable checkpoint, skipped ({error!r})")
-            continue
-        return str(path)
-    return ""

@@ -219,7 +219,7 @@ def test_predict_patients_normalises_inputs(predictor: DosePredictor, tmp_path: 
 @pytest.mark.parametrize(
     "problem, message",
     [
-        ("zero spacing", r"structures.nii.gz: voxel spacing \(0, 3.906, 2.5\) mm is not 3 positive values"),
+        ("zero spacing", r"ct.nii.gz: voxel spacing \(0, 3.906, 2.5\) mm is not 3 positive values"),
         ("no target", r"structures.nii.gz: no target \(PTV56, PTV63, PTV70 are all empty\)"),
         ("probability map", r"possible_dose_mask.nii.gz: not a label map"),
     ],
@@ -256,13 +256,16 @@ def test_predict_patients_refuses_ids_that_are_paths(patient_id, predictor: Dose
     ]
 
 
-def test_predict_patients_checks_the_output_first(tmp_path: Path):
+def test_predict_patients_checks_the_output_first(
+    predictor: DosePredictor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """An output folder that cannot be made fails before the first prediction (not after it)."""
     folder = write_patient(tmp_path / "in" / "pt_1", synthetic_patient())
     (tmp_path / "file").write_text("")
     calls = []
+    monkeypatch.setattr(predictor, "inferer", lambda *a, **k: calls.append(a))
     with pytest.raises(PermissionError, match=r"file/out: cannot write there"):
-        predict_patients(lambda *a, **k: calls.append(a), patient_folder_datalist(folder), tmp_path / "file" / "out")
+        predict_patients(predictor, patient_folder_datalist(folder), tmp_path / "file" / "out")
     assert calls == []
 
 
@@ -275,7 +278,7 @@ def run_inference_config(dataset_dir: Path, output_dir: Path, checkpoint: Path, 
     parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(dataset_dir), "output_dir": str(output_dir)})
     parser.update({"ckpt_path": str(checkpoint), "network_def#channels": [4, 8, 16], "network_def#dilations": [2, 3]})
     parser.update(overrides)
-    parser.get_parsed_content("run")
+    parser.get_parsed_content("evaluator").run()
 
 
 def test_bundle_inference_mask_threshold(tmp_path: Path):
@@ -298,9 +301,9 @@ def test_bundle_inference_mask_threshold(tmp_path: Path):
 
     mask = patient["possible_dose_mask"] * np.float32(0.9)
     write_patient(tmp_path / "map" / "pt_map", {**patient, "possible_dose_mask": mask})
-    with pytest.raises(RuntimeError) as err:  # ConfigParser's, from predict_patients'
+    with pytest.raises(RuntimeError) as err:  # the evaluator's, listing the failed patients
         run_inference_config(tmp_path / "map", tmp_path / "out_map", tmp_path / "model.pt")
-    assert re.search(r"pt_map: .*possible_dose_mask.nii.gz: not a label map", str(err.value.__cause__))
+    assert re.search(r"pt_map: .*possible_dose_mask.nii.gz: not a label map", str(err.value))
     assert not (tmp_path / "out_map" / "pt_map").exists()
     run_inference_config(tmp_path / "map", tmp_path / "out_map", tmp_path / "model.pt", mask_threshold=0.5)
     dose = np.asanyarray(nib.load(tmp_path / "out_map" / "pt_map" / "dose.nii.gz").dataobj)

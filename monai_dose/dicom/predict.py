@@ -19,7 +19,7 @@ from scipy import ndimage
 from monai_dose.data.openkbp import AXES_RAS, GRID_SHAPE, STRUCTURES, TARGETS
 from monai_dose.inference import DosePredictor
 from monai_dose.metrics import cumulative_dvh, dvh_metrics
-from monai_dose.transforms import HU_OFFSET
+from monai_dose.transforms import HU_OFFSET, MaskDose
 from monai_dose.utils import check_writable
 
 from .io import (
@@ -257,7 +257,7 @@ def predict_on_ct(patient: DicomPatient, bundle: str | os.PathLike | Predictor) 
     grid_spacing = {"voxel_spacing": MODEL_SPACING_MM} if isinstance(predictor, DosePredictor) else {}
     model_dose = np.asarray(predictor(model_ct, structures, model_mask, **grid_spacing), dtype=np.float32)
     dose = resample(model_dose, grid, patient.ct.affine, patient.ct.hu.shape, order=1)
-    dose = np.clip(dose, 0, None) * patient.possible_dose
+    dose = MaskDose()(dose[None], patient.possible_dose[None])[0]
     return dose, {"model_grid_affine_lps_mm": grid.round(4).tolist(), "fraction_inside": coverage}
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..transforms.array import MaskDose
+
 
 class Cascade(nn.Module):
     """Two networks in series: the second sees the input and the first network's output.
@@ -23,7 +25,8 @@ class Cascade(nn.Module):
 
 
 class MaskedDose(nn.Module):
-    """Wrap a dose network so that its output is >= 0 and zero outside the possible-dose mask.
+    """Wrap a dose network so that its output is >= 0 and zero outside the possible-dose mask
+    (:class:`~monai_dose.transforms.MaskDose`).
 
     The mask is read from input channel ``mask_channel`` (see :func:`monai_dose.transforms.mask_channel`), as in
     the reference method whose output is multiplied by the possible-dose mask. Since the reference dose is 0
@@ -42,7 +45,6 @@ class MaskedDose(nn.Module):
         self.amp = amp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = x[:, self.mask_channel : self.mask_channel + 1 or None] > 0
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             dose = self.network(x)
-        return torch.relu(dose.float()) * mask
+        return MaskDose(channel_dim=1)(dose.float(), x[:, self.mask_channel : self.mask_channel + 1 or None])

@@ -30,8 +30,9 @@ from monai_dose.dicom.predict import (
     resample,
     write_prediction,
 )
-from monai_dose.inference import DosePredictor, _check_grids, load_patient, save_dose
+from monai_dose.inference import DosePredictor, load_patient
 from monai_dose.metrics import DVH_METRICS
+from monai_dose.transforms import CheckGridsd, save_dose
 from monai_dose.utils import check_writable, patient_path, write_atomic
 
 from .protocol import Goal, Metric, Protocol, load_protocol, parse_metric
@@ -273,7 +274,7 @@ def plan_qa_nifti(
         raise FileNotFoundError(f"{patient_dir}: missing {', '.join(missing)}")
     plan = read_plan_nifti(plan_dose, item["ct"])
     patient = load_patient(item)
-    _check_grids(patient)
+    CheckGridsd()({k: v.movedim(-1, 0) if k == "structures" else v[None] for k, v in patient.items()})
     out_dir = check_writable(out_dir)
     model = QAModel.from_bundle(bundle)
     predicted = model.predictor(patient["ct"], patient["structures"], patient["possible_dose_mask"])

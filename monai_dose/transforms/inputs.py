@@ -1,8 +1,9 @@
 """Checks and normalisation of the inputs a user gives: binary masks, CT units, voxel spacing and targets.
 
 Bundle inference, :class:`~monai_dose.inference.DosePredictor` and ``predict-dicom`` all pass through these (in
-``DosePredictor.prepare``): an input in another convention becomes the model's, or fails with an error naming the
-file (the ``filename_or_obj`` of a ``MetaTensor``, else the transform's ``name``) and the problem.
+:func:`~monai_dose.transforms.patient_preprocessing`): an input in another convention becomes the model's, or
+fails with an error naming the file (the ``filename_or_obj`` of a ``MetaTensor``, else the transform's ``name``) and
+the problem.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class RequireTargets(Transform):
 class _InputCheckd(MapTransform):
     """Dictionary wrapper base: ``self.transform`` applied to each key, named by it."""
 
-    transform: BinariseMask | EnsureOpenKBPCT | RequireTargets
+    transform: BinariseMask | EnsureOpenKBPCT | RequireTargets | RequireFinite | RequireNonEmpty
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -177,3 +178,44 @@ class RequireTargetsd(_InputCheckd):
 BinariseMaskD = BinariseMaskDict = BinariseMaskd
 EnsureOpenKBPCTD = EnsureOpenKBPCTDict = EnsureOpenKBPCTd
 RequireTargetsD = RequireTargetsDict = RequireTargetsd
+
+
+class RequireFinite(Transform):
+    """Raise ``ValueError`` naming the input when it holds NaN or infinite values; returns it."""
+
+    def __call__(self, img: NdarrayOrTensor, name: str = "ct") -> NdarrayOrTensor:
+        """``name``: what messages call the input when it is not a ``MetaTensor`` read from a file."""
+        if not torch.isfinite(convert_to_tensor(img, track_meta=False)).all():
+            raise ValueError(f"{source_name(img, name)}: contains NaN or infinite values")
+        return img
+
+
+class RequireNonEmpty(Transform):
+    """Raise ``ValueError`` naming the mask when it has no voxel inside (the possible-dose mask: no dose to
+    predict); returns it."""
+
+    def __call__(self, img: NdarrayOrTensor, name: str = "possible_dose_mask") -> NdarrayOrTensor:
+        """``name``: what messages call the mask when it is not a ``MetaTensor`` read from a file."""
+        if not convert_to_tensor(img, track_meta=False).any():
+            raise ValueError(f"{source_name(img, name)}: the possible-dose mask is empty")
+        return img
+
+
+class RequireFinited(_InputCheckd):
+    """Dictionary wrapper of :class:`RequireFinite`."""
+
+    def __init__(self, keys: KeysCollection = "ct", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = RequireFinite()
+
+
+class RequireNonEmptyd(_InputCheckd):
+    """Dictionary wrapper of :class:`RequireNonEmpty`."""
+
+    def __init__(self, keys: KeysCollection = "possible_dose_mask", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = RequireNonEmpty()
+
+
+RequireFiniteD = RequireFiniteDict = RequireFinited
+RequireNonEmptyD = RequireNonEmptyDict = RequireNonEmptyd
