@@ -90,6 +90,19 @@ def test_fine_tune_starts_from_pretrained_weights(trained, tmp_path, openkbp_dir
             torch.testing.assert_close(after[key], value, msg=key)
 
 
+def assert_first_layer_carried_over(pretrained: Path, trained_file: Path, old_set: str, new_set: str) -> None:
+    """Trained with learning rate 0 from ``pretrained`` (of ``old_set``), the first layer of ``new_set`` holds each
+    shared channel's weights (matched by name) and zeros for the new channels."""
+    key = "encoders.0.0.conv.weight"
+    before = torch.load(pretrained, weights_only=True)[key]
+    after = torch.load(trained_file, weights_only=True)[key]
+    old, new = input_channel_names(old_set, 1), input_channel_names(new_set, 1)
+    assert after.shape[1] == len(new)
+    for channel, name in enumerate(new):
+        expected = before[:, old.index(name)] if name in old else torch.zeros_like(after[:, channel])
+        torch.testing.assert_close(after[:, channel], expected, msg=name)
+
+
 def test_fine_tune_into_target_proximity_input(trained, tmp_path, openkbp_dir):
     """A checkpoint of the reference input set fine-tunes with the target-proximity input: the first layer keeps
     each channel's weights it had (matched by name) and starts the new channels at zero."""
@@ -102,14 +115,7 @@ def test_fine_tune_into_target_proximity_input(trained, tmp_path, openkbp_dir):
         "--input_set", "target_proximity", "--pretrained_ckpt", str(pretrained), "--pretrained_input_set",
         "reference", "--learning_rate", "0.0", "--weight_decay", "0.0", *SMALL_DATA, *SMALL_RUN, *TINY,
     )  # fmt: skip
-    key = "encoders.0.0.conv.weight"
-    before = torch.load(pretrained, weights_only=True)[key]
-    after = torch.load(tmp_path / "models" / "model.pt", weights_only=True)[key]
-    old, new = input_channel_names("reference", 1), input_channel_names("target_proximity", 1)
-    assert after.shape[1] == len(new) == 45
-    for channel, name in enumerate(new):
-        expected = before[:, old.index(name)] if name in old else torch.zeros_like(after[:, channel])
-        torch.testing.assert_close(after[:, channel], expected, msg=name)
+    assert_first_layer_carried_over(pretrained, tmp_path / "models" / "model.pt", "reference", "target_proximity")
 
 
 def test_fine_tune_into_beam_prior_input_with_dvh_loss(trained, tmp_path, openkbp_dir):
@@ -122,14 +128,7 @@ def test_fine_tune_into_beam_prior_input_with_dvh_loss(trained, tmp_path, openkb
         "target_proximity", "--dvh_weight", "0.5", "--learning_rate", "0.0", "--weight_decay", "0.0",
         *SMALL_DATA, *SMALL_RUN, *TINY,
     )  # fmt: skip
-    key = "encoders.0.0.conv.weight"
-    before = torch.load(pretrained, weights_only=True)[key]
-    after = torch.load(tmp_path / "models" / "model.pt", weights_only=True)[key]
-    old, new = input_channel_names("target_proximity", 1), input_channel_names("beam_prior", 1)
-    assert after.shape[1] == len(new) == 48
-    for channel, name in enumerate(new):
-        expected = before[:, old.index(name)] if name in old else torch.zeros_like(after[:, channel])
-        torch.testing.assert_close(after[:, channel], expected, msg=name)
+    assert_first_layer_carried_over(pretrained, tmp_path / "models" / "model.pt", "target_proximity", "beam_prior")
 
 
 def test_ema_is_validated_and_saved(trained, tmp_path, openkbp_dir):
