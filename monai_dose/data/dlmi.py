@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Transposed
 
 DLMI_FILES: dict[str, str] = {
@@ -25,7 +26,8 @@ def load_dlmi_datalist(root: str | Path, split: str = "train") -> list[dict]:
 
 
 def dlmi_loader(with_dose: bool = True) -> Compose:
-    """Load a DLMI sample into the keys and orientation of an OpenKBP axial slice (``C, H, W``).
+    """Load a DLMI sample into the keys and orientation of an OpenKBP axial slice (``C, H, W``), in float32: half the
+    memory of the files' float64, the integer CT and binary masks exact, the dose as OpenKBP's float32 NIfTI holds it.
 
     DLMI slices are stored transposed (``sample = volume[:, :, k].T``); this undoes it.
     """
@@ -33,7 +35,7 @@ def dlmi_loader(with_dose: bool = True) -> Compose:
     single = [k for k in keys if k != "structures"]
     return Compose(
         [
-            LoadImaged(keys, reader="NumpyReader", dtype=None, image_only=True),
+            LoadImaged(keys, reader="NumpyReader", dtype=np.float32, image_only=True),
             EnsureChannelFirstd(single, channel_dim="no_channel"),
             EnsureChannelFirstd("structures", channel_dim=0),
             Transposed(keys, indices=(0, 2, 1)),

@@ -7,6 +7,7 @@ import logging
 import os
 import zlib
 from collections.abc import Hashable, Mapping
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -83,11 +84,12 @@ def save_dose(dose: np.ndarray, reference_file: str | os.PathLike, out_file: str
 class SaveDosed(MapTransform):
     """Write each key (a ``(1, H, W, D)`` dose on the grid of the CT file) to ``output_dir/<id>/dose.nii.gz``
     with the header and affine of the CT file (:func:`save_dose`, atomic); the patient id as :func:`patient_id`
-    gives it, refused unless it is a single folder name.
+    gives it, refused unless it is a single folder name. A ``filename`` ending in ``.npy`` gets the array without
+    its channel as float32 NumPy instead (the DLMI 2D samples' format), atomically too.
 
     Args:
         output_dir: where the patient folders are written.
-        reference_key: the key of the input CT, whose ``filename_or_obj`` is the reference file.
+        reference_key: the key of the input CT, whose ``filename_or_obj`` is the reference file (NIfTI only).
         filename: the name of the written file.
     """
 
@@ -107,9 +109,12 @@ class SaveDosed(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         out_file = patient_path(self.output_dir, patient_id(d), self.filename)
-        reference = d[self.reference_key].meta["filename_or_obj"]  # type: ignore[attr-defined]
         for key in self.key_iterator(d):
-            save_dose(convert_to_numpy(d[key])[0], reference, out_file)
+            dose = convert_to_numpy(d[key], dtype=np.float32)[0]
+            if out_file.suffix == ".npy":
+                write_atomic(out_file, partial(np.save, arr=dose))
+            else:
+                save_dose(dose, d[self.reference_key].meta["filename_or_obj"], out_file)  # type: ignore[attr-defined]
             logger.info("wrote %s", out_file)
         return d
 
