@@ -47,18 +47,18 @@ def measurement_config(
     config_files: list[str | Path],
     dataset_dir: str | Path,
     device: str | torch.device,
-    bundle_root: str | Path,
+    run_dir: str | Path,
     **updates,
 ) -> ConfigParser:
     """The bundle's training config (``config_files`` layered) on its first 8 training patients, without handlers,
-    writing to ``bundle_root``: what the speed measurements run; ``updates`` replace further config values.
+    its run folder ``run_dir``: what the speed measurements run; ``updates`` replace further config values.
 
     Paths go in absolute and the device as a ``torch.device``: values, never text MONAI would evaluate."""
     parser = ConfigParser()
     parser.read_config([str(f) for f in config_files])
     parser.update(
         {
-            "bundle_root": str(Path(bundle_root).resolve()),
+            "run_dir": str(Path(run_dir).resolve()),
             "dataset_dir": str(Path(dataset_dir).resolve()),
             "device": as_device(device),
             "num_train": 8,

@@ -19,8 +19,7 @@ def _convert(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate_predictions
 
-    scores = evaluate_predictions(args.data, args.predictions, args.out, split=args.split)
-    print(f"dose score {scores['dose_score']:.4f} Gy, DVH score {scores['dvh_score']:.4f} Gy -> {args.out}")
+    evaluate_predictions(args.data, args.predictions, args.out, split=args.split)
 
 
 def _predict_dicom(args: argparse.Namespace) -> None:

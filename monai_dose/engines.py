@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 
 import torch
 from ignite.engine import Engine, Events
@@ -27,14 +29,37 @@ logger = logging.getLogger(__name__)
 PATIENT_ERRORS = (ValueError, FileNotFoundError, OSError, RuntimeError)
 """What a bad patient input raises (a transform's error reaches the caller wrapped in MONAI's ``RuntimeError``)."""
 ERROR_KEY = "error"
+_MONAI_WRAPPERS = ("applying transform", "Failed to instantiate", "Failed to evaluate")
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """The error a transform raised, unwrapped from the ``RuntimeError("applying transform ...")`` chain that
-    MONAI's ``apply_transform`` wraps it in."""
-    while isinstance(error, RuntimeError) and error.__cause__ is not None and str(error).startswith("applying"):
+    """The error a transform or a bundle config item raised, unwrapped from the ``RuntimeError`` chain MONAI wraps
+    it in (``apply_transform``'s ``"applying transform ..."``, the config's ``"Failed to instantiate ..."`` and
+    ``"Failed to evaluate ..."``)."""
+    while isinstance(error, RuntimeError) and error.__cause__ is not None and str(error).startswith(_MONAI_WRAPPERS):
         error = error.__cause__
     return error
+
+
+def report_errors() -> None:
+    """End this process on an uncaught error with one line, the ``Type: message`` of its :func:`root_cause` (for a
+    bad patient its file and problem, not MONAI's ``Failed to evaluate ConfigExpression``), and exit status 1.
+
+    The traceback goes to the log, at DEBUG level for the errors of a bad input (:data:`PATIENT_ERRORS`) and at ERROR
+    level for any other. The bundle's configs call this first in their ``initialize``: it sets ``sys.excepthook``.
+    """
+    previous = sys.excepthook
+
+    def report(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
+        if not isinstance(error, Exception):  # KeyboardInterrupt
+            previous(kind, error, trace)
+            return
+        cause = root_cause(error)
+        level = logging.DEBUG if isinstance(cause, PATIENT_ERRORS) else logging.ERROR
+        logger.log(level, "uncaught error", exc_info=(kind, error, trace))
+        print(f"{type(cause).__name__}: {cause}", file=sys.stderr)
+
+    sys.excepthook = report
 
 
 class PrepareDoseBatch(PrepareBatch):

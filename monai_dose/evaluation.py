@@ -227,7 +227,7 @@ def evaluate_predictions(
         split: datalist section holding the patients.
 
     Returns:
-        the scores written to ``out_dir/scores.json``.
+        the scores written to ``out_dir/scores.json``, also printed with ``out_dir``.
 
     Raises:
         ValueError: a patient id of the datalist is not a single file name, or a prediction is unreadable, on
@@ -255,4 +255,6 @@ def evaluate_predictions(
         )
     with tqdm(patients, desc="evaluate", unit="patient") as progress:  # closed (a new line) on errors too
         results = [_load_patient(items[pid], predictions[pid]) for pid in progress]
-    return write_evaluation(results, out_dir)
+    scores = write_evaluation(results, out_dir)
+    print(f"dose score {scores['dose_score']:.4f} Gy, DVH score {scores['dvh_score']:.4f} Gy -> {out_dir}")
+    return scores

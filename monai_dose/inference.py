@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from monai.transforms import Compose
 from monai.utils import convert_to_numpy
 
 from .checkpoints import load_weights
-from .data.openkbp import IMAGE_KEYS, STRUCTURES, openkbp_affine
+from .data.openkbp import IMAGE_KEYS, STRUCTURES, openkbp_affine, patient_files
 from .engines import DoseInferenceEvaluator, PatientDataset, root_cause
 from .inferers import dose_inferer
 from .networks import MaskedDose
@@ -212,10 +212,17 @@ class DosePredictor:
         return self.postprocess(self.predict(data), data)
 
 
-def load_patient(item: dict) -> dict:
-    """Load a patient's input files (``ct``, ``structures``, ``possible_dose_mask`` keys) as ``MetaTensor`` with
-    their affines, in the files' shapes (structures channel-last) and types; a missing or unreadable file raises an
-    error naming it."""
+def load_patient(item: str | os.PathLike | Mapping) -> dict:
+    """Load a patient's input files as ``MetaTensor`` with their affines, in the files' shapes (structures
+    channel-last) and types: those of a patient folder (``ct.nii.gz``, ``structures.nii.gz``,
+    ``possible_dose_mask.nii.gz``), or of a datalist item's ``ct``, ``structures`` and ``possible_dose_mask`` keys. A
+    missing or unreadable file raises an error naming it.
+
+    Returns:
+        ``item`` with those keys loaded (for a folder: just them, the arguments of :class:`DosePredictor`).
+    """
+    if not isinstance(item, Mapping):
+        item = patient_files(item)
     try:
         return LoadNiftid(IMAGE_KEYS, ensure_channel_first=False)(item)
     except RuntimeError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,17 @@ def patient_path(root: str | os.PathLike, patient_id: object, *parts: str) -> Pa
     if text in ("", ".", "..") or "/" in text or "\\" in text:
         raise ValueError(f"patient id {text!r} is not a single folder name (no path separators, '.' or '..')")
     return Path(root, text, *parts)
+
+
+def new_run_dir(root: str | os.PathLike) -> str:
+    """``root/<YYYYmmdd-HHMMSS>`` (the local time now), or with ``-2``, ``-3``, ... appended where that folder exists:
+    the folder of a new training run. Not created here: the run's checkpoint and log writers create it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, count = Path(root, stamp), 1
+    while path.exists():
+        count += 1
+        path = Path(root, f"{stamp}-{count}")
+    return str(path)
 
 
 def check_writable(directory: str | os.PathLike) -> Path:

@@ -26,6 +26,7 @@ from monai_dose.engines import ResumableCheckpointSaver
 from monai_dose.inference import load_patient
 from monai_dose.networks import DCNN
 from monai_dose.transforms import input_channel_names
+from monai_dose.utils import new_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "openkbp_dose"
@@ -40,26 +41,43 @@ def epochs_done(checkpoint: Path) -> int:
     return trainer["iteration"] // trainer["epoch_length"]
 
 
-def bundle_run(*args: str, config: str | list[str] = "train.json", runner=(sys.executable,), timeout=600, **kw):
-    """Run ``python -m monai.bundle run`` and return the completed process (output captured)."""
+def bundle_run(
+    *args: str, config: str | list[str] = "train.json", runner=(sys.executable,), timeout=600, check=True, **kw
+):
+    """Run ``python -m monai.bundle run`` and return the completed process (output captured), checked to succeed
+    unless ``check`` is false."""
     files = [str(BUNDLE / "configs" / c) for c in ([config] if isinstance(config, str) else config)]
     config_file = files[0] if len(files) == 1 else str(files)
     cmd = [*runner, "-m", "monai.bundle", *args, "--config_file", config_file, "--logging_file", "False"]
     cmd += ["--meta_file", str(BUNDLE / "configs" / "metadata.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, openkbp_dir) -> Path:
-    """A bundle root holding a checkpoint trained for 2 epochs on 2 patients."""
+    """The run folder of the training command (2 epochs on 2 patients) in a bundle root holding the shipped weights."""
     root = tmp_path_factory.mktemp("bundle")
+    (root / "models").mkdir()
+    shutil.copy2(BUNDLE / "models" / "model.pt", root / "models" / "model.pt")
     bundle_run(
         "run", "training", "--bundle_root", str(root), "--dataset_dir", str(openkbp_dir), "--epochs", "2",
         *SMALL_DATA, *SMALL_RUN, *TINY,
     )  # fmt: skip
-    return root
+    (run,) = (root / "runs").iterdir()
+    return run
+
+
+def test_training_writes_its_own_run_folder(trained):
+    """Training writes into a new folder ``runs/<date-time>`` beside the bundle's ``models``: the shipped weights
+    change only by an explicit copy."""
+    root = trained.parent.parent
+    assert re.fullmatch(r"\d{8}-\d{6}", trained.name)
+    assert sorted(p.name for p in root.iterdir()) == ["models", "runs"]
+    assert [p.name for p in (root / "models").iterdir()] == ["model.pt"]
+    assert (root / "models" / "model.pt").read_bytes() == (BUNDLE / "models" / "model.pt").read_bytes()
+    assert sorted(p.name for p in trained.iterdir()) == ["logs", "models"]
 
 
 def test_training_writes_best_model_and_logs(trained):
@@ -72,11 +90,12 @@ def test_training_writes_best_model_and_logs(trained):
     assert any((trained / "logs").iterdir())  # TensorBoard events
 
 
+@pytest.mark.slow
 def test_fine_tune_starts_from_pretrained_weights(trained, tmp_path, openkbp_dir):
     """``--pretrained_ckpt`` loads the network weights (not the optimizer or epoch) before training."""
     pretrained = trained / "models" / "model.pt"
     bundle_run(
-        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "run", "training", "--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
         "--pretrained_ckpt", str(pretrained), "--learning_rate", "0.0", "--weight_decay", "0.0",
         *SMALL_DATA, *SMALL_RUN, *TINY,
     )  # fmt: skip
@@ -103,6 +122,7 @@ def assert_first_layer_carried_over(pretrained: Path, trained_file: Path, old_se
         torch.testing.assert_close(after[:, channel], expected, msg=name)
 
 
+@pytest.mark.slow
 def test_fine_tune_into_target_proximity_input(trained, tmp_path, openkbp_dir):
     """A checkpoint of the reference input set fine-tunes with the target-proximity input: the first layer keeps
     each channel's weights it had (matched by name) and starts the new channels at zero."""
@@ -111,19 +131,20 @@ def test_fine_tune_into_target_proximity_input(trained, tmp_path, openkbp_dir):
     load_weights(reference, trained / "models" / "model.pt", "reference", 1, "target_proximity")
     torch.save(reference.state_dict(), pretrained)
     bundle_run(
-        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "run", "training", "--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
         "--input_set", "target_proximity", "--pretrained_ckpt", str(pretrained), "--pretrained_input_set",
         "reference", "--learning_rate", "0.0", "--weight_decay", "0.0", *SMALL_DATA, *SMALL_RUN, *TINY,
     )  # fmt: skip
     assert_first_layer_carried_over(pretrained, tmp_path / "models" / "model.pt", "reference", "target_proximity")
 
 
+@pytest.mark.slow
 def test_fine_tune_into_beam_prior_input_with_dvh_loss(trained, tmp_path, openkbp_dir):
     """The target-proximity network fine-tunes with the beam-prior input (the prior cached, sampled and augmented
     with the other volumes; its channels start at zero) under the DVH-aware loss (the label carries the masks)."""
     pretrained = trained / "models" / "model.pt"
     bundle_run(
-        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "run", "training", "--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
         "--input_set", "beam_prior", "--pretrained_ckpt", str(pretrained), "--pretrained_input_set",
         "target_proximity", "--dvh_weight", "0.5", "--learning_rate", "0.0", "--weight_decay", "0.0",
         *SMALL_DATA, *SMALL_RUN, *TINY,
@@ -131,13 +152,14 @@ def test_fine_tune_into_beam_prior_input_with_dvh_loss(trained, tmp_path, openkb
     assert_first_layer_carried_over(pretrained, tmp_path / "models" / "model.pt", "target_proximity", "beam_prior")
 
 
+@pytest.mark.slow
 def test_ema_is_validated_and_saved(trained, tmp_path, openkbp_dir):
     """``--ema_momentum m``: an exponential moving average of the weights, started from the pretrained weights,
     is what validation scores and ``model.pt`` holds; the epoch checkpoint keeps both for resuming."""
     pretrained, momentum = trained / "models" / "model.pt", 0.25
     # one volume and one slice batch: a single step, so a single EMA update
     bundle_run(
-        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "run", "training", "--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
         "--pretrained_ckpt", str(pretrained), "--ema_momentum", str(momentum), "--learning_rate", "0.01",
         *SMALL_DATA, *SMALL_RUN, *TINY, "--num_train", "1",
     )  # fmt: skip
@@ -155,11 +177,12 @@ def test_ema_is_validated_and_saved(trained, tmp_path, openkbp_dir):
     assert moved  # the step changed the online weights, so the average differs from both
 
 
+@pytest.mark.slow
 def test_swa_averages_epochs_from_start(trained, tmp_path, openkbp_dir):
     """``--swa_start 2``: the uniform average of the weights at the end of epochs 2 and 3 (not 1) is what the
     epoch-3 validation scores and ``model.pt`` holds; the epoch checkpoint keeps it for resuming."""
     bundle_run(
-        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "3",
+        "run", "training", "--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "3",
         "--pretrained_ckpt", str(trained / "models" / "model.pt"), "--swa_start", "2", "--learning_rate", "0.01",
         *SMALL_DATA, *SMALL_RUN, *TINY, "--num_train", "1", "--val_interval", "3",
     )  # fmt: skip
@@ -259,9 +282,10 @@ def test_adapted_weights_predict_as_before(tmp_path, openkbp_dir):
         )
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path, openkbp_dir):
     """Kill a run in its second epoch; the next run continues from the last epoch checkpoint."""
-    args = ["--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), *SMALL_DATA, *TINY]
+    args = ["--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), *SMALL_DATA, *TINY]
     args += ["--num_workers", "0", "--cache_workers", "0", "--val_interval", "1000", "--log_every", "1"]
     files = str([str(BUNDLE / "configs" / "train.json")])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files, "--logging_file", "False"]
@@ -293,12 +317,20 @@ def test_latest_checkpoint_skips_a_truncated_one(tmp_path):
     assert latest_checkpoint(tmp_path / "none") == ""
 
 
+def test_new_run_dir_is_a_new_folder(tmp_path):
+    first = Path(new_run_dir(tmp_path))
+    first.mkdir()
+    second = Path(new_run_dir(tmp_path))  # the same second: "-2" appended
+    assert second.parent == first.parent == tmp_path and not second.exists()
+    assert re.fullmatch(r"\d{8}-\d{6}(-2)?", second.name)
+
+
 @pytest.mark.slow
 def test_resume_keeps_the_best_model(tmp_path, openkbp_dir):
     """Fine-tuned from the shipped weights for 2 epochs, then resumed with a learning rate that wrecks the network:
     the resumed validation is compared with the best score before the stop, so no new best is claimed and
     ``model.pt`` keeps that epoch's weights; the epoch checkpoints from before the stop count towards the two kept."""
-    args = ["--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), *SMALL_DATA, *SMALL_RUN]
+    args = ["--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), *SMALL_DATA, *SMALL_RUN]
     args += ["--pretrained_ckpt", str(BUNDLE / "models" / "model.pt"), "--num_train", "1", "--num_val", "1"]
     best_line = r"val_dose_score best value: (\S+) at epoch: (\d+)"
     stopped = re.findall(best_line, bundle_run("run", "training", *args, "--epochs", "2").stdout)[-1]
@@ -333,16 +365,21 @@ def test_epoch_checkpoints_of_a_killed_run_count_towards_n_saved(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=3.pt", "checkpoint_epoch=4.pt"]
 
 
-def test_evaluate_writes_scores(trained, openkbp_dir):
-    out_dir = trained / "eval"
-    bundle_run(
-        "run", "--bundle_root", str(trained), "--dataset_dir", str(openkbp_dir), "--output_dir", str(out_dir),
-        *SMALL_DATA, *TINY, config=["train.json", "evaluate.json"],
-    )  # fmt: skip
+@pytest.mark.slow
+def test_evaluate_writes_and_prints_scores(trained, openkbp_dir, tmp_path):
+    """Evaluation of a trained run's model (``--ckpt_path``) writes the predictions and scores and prints where,
+    with the scores."""
+    out_dir = tmp_path / "eval"
+    out = bundle_run(
+        "run", "--ckpt_path", str(trained / "models" / "model.pt"), "--dataset_dir", str(openkbp_dir),
+        "--output_dir", str(out_dir), *SMALL_DATA, *TINY, config=["train.json", "evaluate.json"],
+    ).stdout  # fmt: skip
     scores = json.loads((out_dir / "scores.json").read_text())
     assert set(scores["dose_error_per_patient"]) == {"pt_201", "pt_202"}
     assert np.isfinite(scores["dose_score"]) and np.isfinite(scores["dvh_score"])
     assert (out_dir / "scores_per_patient.csv").is_file() and (out_dir / "dvh" / "pt_201.png").is_file()
+    assert f"predicted 2 of 2 patients into {out_dir / 'predictions'}" in out
+    assert f"dose score {scores['dose_score']:.4f} Gy, DVH score {scores['dvh_score']:.4f} Gy -> {out_dir}" in out
 
 
 @pytest.fixture
@@ -357,10 +394,11 @@ def new_patients(tmp_path, openkbp_dir) -> Path:
 def test_inference_on_new_patients(trained, new_patients, tmp_path, openkbp_dir):
     out_dir = tmp_path / "out"
     before = {p: p.stat().st_mtime_ns for p in new_patients.rglob("*.nii.gz")}
-    bundle_run(
+    out = bundle_run(
         "run", "--dataset_dir", str(new_patients), "--output_dir", str(out_dir),
         "--ckpt_path", str(trained / "models" / "model.pt"), *TINY, config="inference.json",
-    )  # fmt: skip
+    ).stdout  # fmt: skip
+    assert f"predicted 2 of 2 patients into {out_dir}" in out
     for pid in ("pt_201", "pt_202"):
         written = nib.load(out_dir / pid / "dose.nii.gz")
         ct = nib.load(new_patients / pid / "ct.nii.gz")
@@ -388,6 +426,21 @@ def test_load_patient_matches_monai_loader(new_patients):
         assert loaded[key].dtype == reference[key].dtype
         assert torch.equal(loaded[key].as_tensor(), reference[key].as_tensor())
         torch.testing.assert_close(loaded[key].affine, reference[key].affine)
+
+
+def test_load_patient_of_a_folder(tmp_path):
+    """A patient folder loads as its datalist item does, into just the three inputs (``DosePredictor``'s
+    arguments); a missing file is named."""
+    from monai_dose.data import IMAGE_KEYS
+
+    folder = REPO / "examples" / "pt_201"
+    loaded, from_item = load_patient(folder), load_patient(patient_folder_datalist(folder)[0])
+    assert list(loaded) == list(IMAGE_KEYS)
+    for key in IMAGE_KEYS:
+        assert torch.equal(loaded[key].as_tensor(), from_item[key].as_tensor())
+        torch.testing.assert_close(loaded[key].affine, from_item[key].affine)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'ct.nii.gz'}: no such file"):
+        load_patient(str(tmp_path))
 
 
 def _break(patient: Path, problem: str) -> None:
@@ -448,19 +501,65 @@ def test_bad_patient_named_and_others_still_written(problem, new_patients, tmp_p
     assert any("pt_202" in r.getMessage() and PROBLEMS[problem] in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_bundle_inference_reports_bad_patient(trained, new_patients, tmp_path):
     """Through the bundle command: the run fails naming the patient, after writing the good one."""
     _break(new_patients / "pt_202", "empty mask")
-    files = str(BUNDLE / "configs" / "inference.json")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--logging_file", "False"]
-    cmd += ["--dataset_dir", str(new_patients), "--output_dir", str(tmp_path / "out")]
-    cmd += ["--ckpt_path", str(trained / "models" / "model.pt"), *TINY]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode != 0
-    assert re.search(r"pt_202: \S*possible_dose_mask.nii.gz: the possible-dose mask is empty", proc.stderr)
+    proc = bundle_run(
+        "run", "--dataset_dir", str(new_patients), "--output_dir", str(tmp_path / "out"),
+        "--ckpt_path", str(trained / "models" / "model.pt"), *TINY, config="inference.json", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    failure = r"pt_202: \S*possible_dose_mask.nii.gz: the possible-dose mask is empty"
+    assert re.fullmatch(rf"RuntimeError: 1 of 2 patients failed \({failure}\)", proc.stderr.splitlines()[-1])
     assert (tmp_path / "out" / "pt_201" / "dose.nii.gz").is_file()
 
 
+FAILED_RUNS = {  # the arguments after `python -m monai.bundle`, the configs, pt_201's problem, the last line
+    "inference": (
+        ["run"],
+        ["inference.json"],
+        "different affine",
+        r"RuntimeError: 1 of 1 patients failed \(pt_201: \S+/pt_201/structures.nii.gz: affine differs from the CT "
+        r"affine\)",
+    ),
+    "training": (
+        ["run", "training"],
+        ["train.json"],
+        "missing file",
+        r"FileNotFoundError: \S*pt_201/structures.nii.gz: no such file",
+    ),
+    "evaluation": (
+        ["run"],
+        ["train.json", "evaluate.json"],
+        "missing file",
+        r"FileNotFoundError: \S*pt_201/structures.nii.gz: no such file",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "workflow", [w if w == "inference" else pytest.param(w, marks=pytest.mark.slow) for w in FAILED_RUNS]
+)
+def test_bundle_run_ends_with_the_patient_and_problem(workflow, tmp_path):
+    """A bad input ends a bundle run with one line naming the file, so the patient, and the problem, not MONAI's
+    ``Failed to evaluate ConfigExpression``; exit status 1. Inference reports it after predicting the other patients,
+    training and evaluation when they load it. On examples/pt_201 (no dose) as training and validation patient."""
+    args, configs, problem, last_line = FAILED_RUNS[workflow]
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "examples" / "pt_201", data / "pt_201")
+    item = {"id": "pt_201", **{k: f"pt_201/{k}.nii.gz" for k in ("ct", "structures", "possible_dose_mask", "dose")}}
+    (data / "dataset.json").write_text(json.dumps({"training": [item], "validation": [item]}))
+    _break(data / "pt_201", problem)
+    proc = bundle_run(
+        *args, "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), "--run_dir", str(tmp_path / "run"),
+        config=configs, check=False, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert re.fullmatch(last_line, proc.stderr.splitlines()[-1]), proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_predictor_from_bundle_matches_bundle_inference(trained, new_patients, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE / "configs", bundle / "configs")
@@ -480,11 +579,12 @@ def test_predictor_from_bundle_matches_bundle_inference(trained, new_patients, t
     np.testing.assert_allclose(np.asanyarray(nib.load(tmp_path / "out" / "pt_201" / "dose.nii.gz").dataobj), dose)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("averaging", [[], ["--ema_momentum", "0.5"], ["--swa_start", "1"]], ids=["-", "ema", "swa"])
 def test_two_process_ddp_training_on_cpu(averaging, tmp_path, openkbp_dir):
     runner = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
     bundle_run(
-        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "run", "training", "--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
         *SMALL_DATA, *SMALL_RUN, *TINY, *averaging, config=["train.json", "multi_gpu_train.json"], runner=runner,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
@@ -494,6 +594,7 @@ def test_two_process_ddp_training_on_cpu(averaging, tmp_path, openkbp_dir):
     assert epochs_done(tmp_path / "models" / "checkpoint_last.pt") == 1
 
 
+@pytest.mark.slow
 def test_metadata_and_network_checks(trained, tmp_path):
     configs = BUNDLE / "configs"
     meta = ["--meta_file", str(configs / "metadata.json")]
@@ -540,11 +641,12 @@ TINY_3D = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(TINY_3D))
 def test_3d_variants_train(variant, tmp_path, openkbp_dir):
     """The 3D DCNN and the 3D cascade train by layering their config on train.json."""
     bundle_run(
-        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "run", "training", "--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
         "--num_train", "1", "--num_val", "1", *SMALL_RUN, *TINY_3D[variant], config=["train.json", variant],
     )  # fmt: skip
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
@@ -552,10 +654,11 @@ def test_3d_variants_train(variant, tmp_path, openkbp_dir):
     assert conv_weights and all(w.ndim == 5 for w in conv_weights)  # 3D convolutions
 
 
+@pytest.mark.slow
 def test_gpu_settings_train_epochs_of_several_passes(tmp_path, openkbp_dir):
     """train_gpu.json layered on train.json: an epoch draws every cached volume ``passes_per_epoch`` times."""
     bundle_run(
-        "run", "training", "--bundle_root", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "run", "training", "--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
         *SMALL_DATA, *SMALL_RUN, *TINY, "--passes_per_epoch", "3", "--validate#dataloader#num_workers", "0",
         config=["train.json", "train_gpu.json"],
     )  # fmt: skip

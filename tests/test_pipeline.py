@@ -26,7 +26,7 @@ FILES = ("ct", "structures", "possible_dose_mask", "dose")
 @pytest.mark.parametrize("workflow_type, configs", [("infer", ["inference.json"]), ("train", ["train.json"])])
 def test_bundle_properties(workflow_type, configs, openkbp_dir, tmp_path):
     """MONAI's own check of what MONAI Label, Deploy and FL drive a bundle through (on one patient per split)."""
-    small = {"num_train": 1, "num_val": 1, "cache_workers": 0, "log_dir": str(tmp_path), "ckpt_dir": str(tmp_path)}
+    small = {"num_train": 1, "num_val": 1, "cache_workers": 0, "run_dir": str(tmp_path)}
     workflow = ConfigWorkflow(
         config_file=[str(CONFIGS / c) for c in configs],
         meta_file=str(CONFIGS / "metadata.json"),

@@ -83,6 +83,7 @@ def bundle_report(pt201: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
+@pytest.mark.slow
 def test_nifti_route_matches_evaluate_and_bundle_inference(
     bundle_report: Path, pt201: Path, openkbp_dir: Path, tmp_path: Path
 ):

@@ -61,6 +61,11 @@ def load_openkbp_datalist(dataset_dir: str | Path, split: str = "training") -> l
     return load_decathlon_datalist(datalist_file, is_segmentation=False, data_list_key=split, base_dir=dataset_dir)
 
 
+def patient_files(folder: str | Path, keys: Sequence[str] = IMAGE_KEYS) -> dict[str, str]:
+    """The file of each of ``keys`` in a patient folder, ``folder/<key>.nii.gz``, whether it exists or not."""
+    return {k: str(Path(folder, f"{k}.nii.gz")) for k in keys}
+
+
 def patient_folder_datalist(root: str | Path, require_dose: bool = False) -> list[dict]:
     """Datalist of every patient folder under ``root`` (``root/<id>/{ct,structures,possible_dose_mask}.nii.gz``).
 
@@ -72,4 +77,4 @@ def patient_folder_datalist(root: str | Path, require_dose: bool = False) -> lis
         raise FileNotFoundError(f"{root}: not a folder")
     folders = [root] if (root / "ct.nii.gz").exists() else sorted(p for p in root.iterdir() if p.is_dir())
     keys = IMAGE_KEYS + ((DOSE_KEY,) if require_dose else ())
-    return [{"id": p.name, **{k: str(p / f"{k}.nii.gz") for k in keys}} for p in folders]
+    return [{"id": p.name, **patient_files(p, keys)} for p in folders]

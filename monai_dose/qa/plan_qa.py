@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from monai_dose.data.openkbp import DOSE_KEY, IMAGE_KEYS, OARS, STRUCTURES, TARGETS, patient_folder_datalist
+from monai_dose.data.openkbp import DOSE_KEY, OARS, STRUCTURES, TARGETS, patient_files, patient_folder_datalist
 from monai_dose.dicom.io import CTSeries, read_rtdose
 from monai_dose.dicom.predict import (
     DVH_CONVENTION,
@@ -268,7 +268,7 @@ def plan_qa_nifti(
     """
     protocol = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     patient_dir = Path(patient_dir)
-    item = {k: str(patient_dir / f"{k}.nii.gz") for k in IMAGE_KEYS}
+    item = patient_files(patient_dir)
     missing = [Path(f).name for f in item.values() if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"{patient_dir}: missing {', '.join(missing)}")
