@@ -112,6 +112,7 @@ def benchmark_inference(
         "threads": torch.get_num_threads(),
         "seconds": seconds,
         "total_seconds": sum(seconds.values()),
+        "non_network_share": 1 - seconds["network"] / sum(seconds.values()),
         "peak_memory_mb": _peak_rss_mb(),
         "peak_gpu_memory_mb": _peak_gpu_mb(predictor.device),
     }
@@ -212,6 +213,7 @@ def _table(results: dict) -> str:
         for stage, sec in r["seconds"].items():
             lines.append(f"{'inference ' + stage:<34}{device:<8}{sec:>12.3f}  s")
         lines.append(f"{'inference total per patient':<34}{device:<8}{r['total_seconds']:>12.3f}  s")
+        lines.append(f"{'inference not in the network':<34}{device:<8}{100 * r['non_network_share']:>11.1f}%")
         lines.append(f"{'inference peak memory':<34}{device:<8}{r['peak_memory_mb']:>12.0f}  MB (host)")
         if r["peak_gpu_memory_mb"] is not None:
             lines.append(f"{'inference peak GPU memory':<34}{device:<8}{r['peak_gpu_memory_mb']:>12.0f}  MB")

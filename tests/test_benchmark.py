@@ -37,12 +37,15 @@ def test_benchmark_reports_inference_and_training(tmp_path, openkbp_dir, capsys)
     inference = results["inference"]["cpu"]
     assert set(inference["seconds"]) == {"load", "preprocess", "network", "postprocess", "save"}
     assert all(s > 0 for s in inference["seconds"].values()) and inference["peak_memory_mb"] > 0
+    network_share = inference["seconds"]["network"] / inference["total_seconds"]
+    assert inference["non_network_share"] == pytest.approx(1 - network_share)
     training = results["training"]["cpu"]
     assert training["unit"] == "slices/s" and training["batch"] == [16, 45, 128, 128]  # 4 volumes x 4 slices
     assert training["train_configs"] == [str(override)]
     assert training["pipeline_rate"] > 0 and training["network_only_rate"] > 0
     table = capsys.readouterr().out
     assert "inference total per patient" in table and "pipeline / network-only" in table
+    assert "inference not in the network" in table
     assert "native bf16 on the CPU" in table and "inference precision" in table
 
 
