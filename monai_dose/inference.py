@@ -164,7 +164,7 @@ class DosePredictor:
                 value = BinariseMask(mask_threshold)(value, key)
             array = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(np.asarray(value))
             array = array.movedim(-1, 0) if key == "structures" else array[None]
-            meta = {"filename_or_obj": value.meta["filename_or_obj"]} if isinstance(value, MetaTensor) else {}
+            meta = {k: v for k, v in getattr(value, "meta", {}).items() if k == "filename_or_obj"}
             own = value.affine if isinstance(value, MetaTensor) and affine is None else affine
             data[key] = MetaTensor(array, affine=torch.as_tensor(own, dtype=torch.float64), meta=meta)
         try:

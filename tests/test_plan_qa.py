@@ -280,7 +280,7 @@ def test_dicom_route_matches_nifti_route(pt1_dicom: Path, openkbp_dir: Path, tmp
         pt1_dicom / "rtstruct.dcm",
         pt1_dicom / "plan.dcm",
         tmp_path / "dicom",
-        lambda ct, structures, mask: reference,  # the model grid of pt_1 is its OpenKBP grid
+        lambda ct, structures, mask: reference[..., ::-1],  # pt_1's CT grid: OpenKBP's, slices inferior first
         possible_dose_mask="PossibleDose",
     )
     expected = rows(nifti) | rows(nifti, "goals")

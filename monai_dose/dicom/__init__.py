@@ -22,10 +22,7 @@ from .names import (
 )
 from .predict import (
     BODY_THRESHOLD_HU,
-    MODEL_AXES,
-    MODEL_SPACING_MM,
     body_mask,
-    model_grid,
     predict_dicom,
     resample,
 )
@@ -35,8 +32,6 @@ __all__ = [
     "BODY_THRESHOLD_HU",
     "CTSeries",
     "HELPER_PATTERN",
-    "MODEL_AXES",
-    "MODEL_SPACING_MM",
     "NAME_PATTERNS",
     "RoiMapping",
     "StructureSet",
@@ -44,7 +39,6 @@ __all__ = [
     "load_name_map",
     "map_roi_names",
     "match_roi_name",
-    "model_grid",
     "normalise_roi_name",
     "predict_dicom",
     "read_ct_series",

@@ -1,4 +1,5 @@
-"""``predict-dicom``: CT and RTSTRUCT in; dose predicted on the model grid; RTDOSE, NIfTI and DVH out."""
+"""``predict-dicom``: CT and RTSTRUCT in; dose predicted through the dose pipeline onto the CT grid; RTDOSE, NIfTI and
+DVH out."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.data import MetaTensor
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from monai_dose.data.openkbp import AXES_RAS, GRID_SHAPE, STRUCTURES, TARGETS
+from monai_dose.data.openkbp import STRUCTURES, TARGETS
 from monai_dose.inference import DosePredictor
 from monai_dose.metrics import cumulative_dvh, dvh_metrics
 from monai_dose.transforms import HU_OFFSET, MaskDose
@@ -35,33 +38,11 @@ from .names import BODY_PATTERN, RoiMapping, load_name_map, map_roi_names, norma
 
 logger = logging.getLogger(__name__)
 
-MODEL_SPACING_MM: tuple[float, float, float] = (3.906, 3.906, 2.5)
-"""Voxel size of the model grid: the most common OpenKBP voxel size."""
-MODEL_AXES = np.diag([-1.0, -1.0, 1.0]) @ AXES_RAS
-"""Patient (LPS) direction of each model-grid axis, as columns: the OpenKBP array axes (:data:`AXES_RAS`)."""
 BODY_THRESHOLD_HU = -400.0
 """Without a body ROI, the body is the largest connected region above this CT number."""
 DVH_BIN_GY = 0.1
 DVH_CONVENTION = "voxel masks on the CT grid (rt-utils rasterisation), no partial volumes"
 Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
-def model_grid(ct: CTSeries, target_centre: np.ndarray) -> np.ndarray:
-    """Voxel-to-patient affine of the 128^3 model grid (:data:`MODEL_SPACING_MM`, axes :data:`MODEL_AXES`).
-
-    The grid is centred on ``target_centre`` (LPS, mm), then moved as little as needed along each axis to lie
-    inside the CT, or, where the CT is shorter than the grid, to cover the whole CT. A CT that already is a
-    128^3 grid with the model's spacing and axes thus maps onto the model grid voxel for voxel.
-    """
-    rotation = MODEL_AXES * np.asarray(MODEL_SPACING_MM)
-    corners = np.array(np.meshgrid(*[(0, n - 1) for n in ct.hu.shape], indexing="ij")).reshape(3, -1)
-    corners = np.linalg.solve(rotation, ct.affine[:3, :3] @ corners + ct.affine[:3, 3:])  # in model voxels
-    first, last = corners.min(axis=1), corners.max(axis=1) - (np.asarray(GRID_SHAPE) - 1)
-    start = np.linalg.solve(rotation, target_centre) - (np.asarray(GRID_SHAPE) - 1) / 2
-    start = np.clip(start, np.minimum(first, last), np.maximum(first, last))
-    affine = np.eye(4)
-    affine[:3, :3], affine[:3, 3] = rotation, rotation @ start
-    return affine
 
 
 def resample(
@@ -136,46 +117,31 @@ def _structure_masks(structure_set: StructureSet, mapping: RoiMapping) -> dict[s
     return masks
 
 
-def _model_inputs(
-    ct: CTSeries, masks: Mapping[str, np.ndarray], body: np.ndarray, possible_dose: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Model grid affine and, on that grid, the CT (HU + :data:`~monai_dose.transforms.HU_OFFSET`, 0 outside the
-    body as in OpenKBP), structures (channel last) and possible-dose mask."""
-    target_voxels = np.unravel_index(np.concatenate([masks[t] for t in TARGETS if t in masks]), ct.hu.shape)
-    target_centre = np.array([(a.min() + a.max()) / 2 for a in target_voxels])
-    grid = model_grid(ct, ct.affine[:3, :3] @ target_centre + ct.affine[:3, 3])
-    structures = np.zeros((*GRID_SHAPE, len(STRUCTURES)), dtype=np.uint8)
-    for structure, indices in masks.items():
-        mask = np.zeros(ct.hu.shape, dtype=np.uint8)
-        mask.flat[indices] = 1
-        structures[..., STRUCTURES.index(structure)] = resample(mask, ct.affine, grid, GRID_SHAPE, order=0)
-    model_ct = np.clip(resample((ct.hu + HU_OFFSET) * body, ct.affine, grid, GRID_SHAPE, order=1), 0, None)
-    model_mask = resample(possible_dose.astype(np.uint8), ct.affine, grid, GRID_SHAPE, order=0)
-    return grid, model_ct, structures, model_mask
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""DICOM patient coordinates (LPS) to NIfTI/MONAI world coordinates (RAS)."""
 
 
-def _coverage(
-    masks: Mapping[str, np.ndarray], ct: CTSeries, grid: np.ndarray, possible_dose: np.ndarray
-) -> dict[str, dict[str, float]]:
-    """Fraction of each structure's CT voxels inside the model grid and inside the possible-dose mask (no dose
-    outside either; warned below 98%)."""
-    to_model = np.linalg.solve(grid, ct.affine)
+def _model_inputs(patient: DicomPatient) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """On the CT grid: the CT as the model reads it (HU + :data:`~monai_dose.transforms.HU_OFFSET`, 0 outside the
+    body as in OpenKBP), the structures (channel last) and the possible-dose mask."""
+    ct = np.clip((patient.ct.hu + HU_OFFSET) * patient.body, 0, None).astype(np.float32)
+    structures = np.zeros((*patient.ct.hu.shape, len(STRUCTURES)), dtype=np.uint8)
+    for structure, indices in patient.masks.items():
+        structures[(*np.unravel_index(indices, patient.ct.hu.shape), STRUCTURES.index(structure))] = 1
+    return ct, structures, patient.possible_dose.astype(np.uint8)
+
+
+def _coverage(masks: Mapping[str, np.ndarray], possible_dose: np.ndarray) -> dict[str, dict[str, float]]:
+    """Fraction of each structure's CT voxels inside the possible-dose mask (no dose outside it; warned below
+    98%)."""
     coverage = {}
     for structure, indices in masks.items():
-        ijk = to_model[:3, :3] @ np.stack(np.unravel_index(indices, ct.hu.shape)) + to_model[:3, 3:]
-        within = ((ijk > -0.5) & (ijk < np.asarray(GRID_SHAPE)[:, None] - 0.5)).all(axis=0)
-        coverage[structure] = {
-            "model_grid": round(float(within.mean()), 4),
-            "possible_dose_mask": round(float(possible_dose.flat[indices].mean()), 4),
-        }
-        for region, fraction in coverage[structure].items():
-            if fraction < 0.98:
-                logger.warning(
-                    "%.0f%% of %s lies outside the %s: no dose there",
-                    100 - 100 * fraction,
-                    structure,
-                    region.replace("_", " "),
-                )
+        fraction = round(float(possible_dose.flat[indices].mean()), 4)
+        coverage[structure] = {"possible_dose_mask": fraction}
+        if fraction < 0.98:
+            logger.warning(
+                "%.0f%% of %s lies outside the possible-dose mask: no dose there", 100 - 100 * fraction, structure
+            )
     return coverage
 
 
@@ -188,8 +154,7 @@ def write_prediction(
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         staged = Path(tmp)
         write_rtdose(dose, ct, staged / "RTDOSE.dcm", "monai_dose predicted dose (research use)", plan)
-        ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ct.affine
-        nib.save(nib.Nifti1Image(dose.astype(np.float32), ras), staged / "dose.nii.gz")
+        nib.save(nib.Nifti1Image(dose.astype(np.float32), LPS_TO_RAS @ ct.affine), staged / "dose.nii.gz")
         with open(staged / "dvh.csv", "w", newline="") as f:
             csv.writer(f).writerows(dvh)
         (staged / "report.json").write_text(json.dumps(report, indent=2))
@@ -247,18 +212,25 @@ def read_dicom_patient(
 
 
 def predict_on_ct(patient: DicomPatient, bundle: str | os.PathLike | Predictor) -> tuple[np.ndarray, dict]:
-    """The dose predicted on the model grid and interpolated onto the CT grid (Gy, zero outside the possible-dose
-    mask), with the report entries of the model grid and the fraction of each structure inside it."""
-    grid, model_ct, structures, model_mask = _model_inputs(
-        patient.ct, patient.masks, patient.body, patient.possible_dose
-    )
-    coverage = _coverage(patient.masks, patient.ct, grid, patient.possible_dose)
+    """The dose predicted on the CT grid (Gy, zero outside the possible-dose mask), with the report entry of the
+    fraction of each structure inside the possible-dose mask.
+
+    A :class:`~monai_dose.inference.DosePredictor` (or a bundle's) gets the inputs as ``MetaTensor`` with the CT's
+    affine, so its pipeline (:func:`~monai_dose.transforms.patient_preprocessing`) reorients and resamples them to
+    the model's geometry and inverts that for the dose, as for NIfTI input; any other callable gets the CT-grid
+    arrays."""
+    ct, structures, possible_dose = _model_inputs(patient)
     predictor = bundle if callable(bundle) else DosePredictor.from_bundle(bundle)
-    grid_spacing = {"voxel_spacing": MODEL_SPACING_MM} if isinstance(predictor, DosePredictor) else {}
-    model_dose = np.asarray(predictor(model_ct, structures, model_mask, **grid_spacing), dtype=np.float32)
-    dose = resample(model_dose, grid, patient.ct.affine, patient.ct.hu.shape, order=1)
+    if isinstance(predictor, DosePredictor):
+        affine = torch.as_tensor(LPS_TO_RAS @ patient.ct.affine)
+        sources = (patient.ct.folder, patient.structure_set.path, patient.structure_set.path)  # named in errors
+        ct, structures, possible_dose = (
+            MetaTensor(a, affine=affine, meta={"filename_or_obj": str(f)})
+            for a, f in zip((ct, structures, possible_dose), sources, strict=True)
+        )
+    dose = np.asarray(predictor(ct, structures, possible_dose), dtype=np.float32)
     dose = MaskDose()(dose[None], patient.possible_dose[None])[0]
-    return dose, {"model_grid_affine_lps_mm": grid.round(4).tolist(), "fraction_inside": coverage}
+    return dose, {"fraction_inside": _coverage(patient.masks, patient.possible_dose)}
 
 
 def predict_dicom(
@@ -277,14 +249,14 @@ def predict_dicom(
     staged in a temporary folder beside ``out_dir`` and moved in at the end, so a failure leaves ``out_dir``
     untouched. Outputs: ``RTDOSE.dcm`` and ``dose.nii.gz`` (Gy, on the CT grid), ``dvh.csv`` (cumulative DVH
     of each found structure: % volume receiving at least each 0.1 Gy step, from voxel masks on the CT grid),
-    ``report.json`` (ROIs found, missing and ignored, the body and possible-dose mask rules, the model grid,
-    the fraction of each structure inside the grid and the mask, OpenKBP DVH metrics).
+    ``report.json`` (ROIs found, missing and ignored, the body and possible-dose mask rules, the
+    fraction of each structure inside the possible-dose mask, OpenKBP DVH metrics).
 
     Args:
         ct_dir: folder of the CT series.
         rtstruct: RTSTRUCT file contoured on that CT.
         bundle: bundle folder, or a :class:`~monai_dose.inference.DosePredictor` (any callable
-            ``(ct, structures, possible_dose_mask) -> dose`` on the model grid).
+            ``(ct, structures, possible_dose_mask) -> dose`` on the CT grid, see :func:`predict_on_ct`).
         out_dir: output folder.
         name_map: JSON file or mapping ``{"ROI name": "Structure" or None}`` applied before the default rules.
         possible_dose_mask: ROI to use as possible-dose mask (default: the body).
