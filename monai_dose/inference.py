@@ -96,7 +96,16 @@ class DosePredictor:
         self.pixdim = tuple(pixdim)
         self.preprocessing = Compose(
             [
-                patient_preprocessing(IMAGE_KEYS, input_set, False, None, pixdim, min_pixdim, max_pixdim, divisor),
+                patient_preprocessing(
+                    IMAGE_KEYS,
+                    input_set,
+                    load=False,
+                    pixdim=pixdim,
+                    min_pixdim=min_pixdim,
+                    max_pixdim=max_pixdim,
+                    divisor=divisor,
+                    device=None if self.device.type == "cpu" else self.device,  # derived inputs on the GPU
+                ),
                 input_assembly(input_set, neighbours),
             ]
         )

@@ -31,6 +31,7 @@ from monai_dose.transforms import (
     input_channel_names,
     input_channels,
     mask_channel,
+    torch_distance_transform_edt,
 )
 
 KEYS = ["ct", "structures", "possible_dose_mask", "dose"]
@@ -74,6 +75,27 @@ def test_dose_input_errors():
         DoseInput()(p["ct"][..., :-1], p["structures"], p["possible_dose_mask"])
     with pytest.raises(ValueError, match="unknown input_set"):
         DoseInput("everything")
+
+
+@pytest.mark.parametrize("shape, spacing", [((2, 20, 17, 11), (3.9, 2.1, 2.5)), ((1, 9, 13), (1.0, 2.0))])
+def test_torch_distance_transform_matches_scipy(shape, spacing):
+    """The GPU path's exact distance transform gives scipy's distances (per channel, anisotropic voxels)."""
+    from scipy import ndimage
+
+    img = np.random.default_rng(0).random(shape) > 0.05  # sparse zeros: long distances
+    expected = np.stack([ndimage.distance_transform_edt(c, sampling=spacing) for c in img])
+    got = torch_distance_transform_edt(torch.from_numpy(img), spacing)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-4)
+    assert torch_distance_transform_edt(torch.ones(1, 4, 4)).isinf().all()  # no zero voxel: infinitely far
+
+
+def test_target_proximity_stays_on_the_structures_device():
+    """Off the CPU without cuCIM the proximity is computed in torch where the structures are, never on the host:
+    shown on PyTorch's ``meta`` device, which the host's scipy cannot read."""
+    structures = torch.zeros(10, 8, 8, 4, dtype=torch.uint8, device="meta")
+    proximity = TargetProximity()(structures, voxel_spacing=(2.0, 2.0, 3.0))
+    assert proximity.device.type == "meta" and proximity.shape == (3, 8, 8, 4)
 
 
 def test_target_proximity_follows_distance_in_mm():

@@ -21,6 +21,7 @@ from .array import (
     input_channel_names,
     input_channels,
     mask_channel,
+    torch_distance_transform_edt,
 )
 from .dictionary import (
     BatchRandAffineD,
@@ -189,4 +190,5 @@ __all__ = [
     "input_channels",
     "source_name",
     "mask_channel",
+    "torch_distance_transform_edt",
 ]

@@ -18,9 +18,11 @@ from monai.networks.layers import AffineTransform
 from monai.networks.utils import to_norm_affine
 from monai.transforms import Randomizable, Transform
 from monai.transforms.utils import distance_transform_edt
-from monai.utils import convert_to_tensor
+from monai.utils import convert_to_tensor, optional_import
 
 from ..data.openkbp import OARS, STRUCTURES, TARGET_DOSES_GY, TARGETS
+
+_, HAS_CUCIM = optional_import("cucim.core.operations.morphology", name="distance_transform_edt")
 
 CT_RANGE = (0.0, 4095.0)
 """OpenKBP CT values (HU + 1024) are clipped to this range, then scaled to 0..1."""
@@ -76,13 +78,48 @@ def mask_channel(input_set: str = "reference", neighbours: int = 0) -> int:
     return input_channel_names(input_set, neighbours).index("possible_dose_mask" + ("[0]" if neighbours else ""))
 
 
+def torch_distance_transform_edt(img: torch.Tensor, sampling: Sequence[float] | None = None) -> torch.Tensor:
+    """Exact Euclidean distance transform in torch, on ``img``'s device: per channel of ``(C, *spatial)``, the
+    distance of each non-zero voxel to the nearest zero voxel (0 on zero voxels; ``inf`` in a channel without any),
+    in the units of ``sampling`` (the voxel size per spatial axis; default 1), as float32.
+
+    The squared distance is the lower envelope of parabolas taken one axis at a time, each as a min-plus product
+    with the ``(n, n)`` matrix of squared offsets, in chunks of bounded memory: ``O(n)`` work per voxel and axis,
+    for GPUs without cuCIM, where MONAI's ``distance_transform_edt`` would copy to the host for scipy.
+    """
+    spatial = img.ndim - 1
+    sampling = [1.0] * spatial if sampling is None else [float(v) for v in sampling]
+    if len(sampling) != spatial:
+        raise ValueError(f"sampling needs {spatial} values, got {len(sampling)}")
+    squared = torch.where(img != 0, torch.inf, 0.0).to(device=img.device, dtype=torch.float32)
+    for axis, step in enumerate(sampling, start=1):
+        lines = squared.movedim(axis, -1)
+        n = lines.shape[-1]
+        offsets = torch.arange(n, device=img.device, dtype=torch.float32)
+        parabola = (step * (offsets[:, None] - offsets[None, :])) ** 2  # [i, j]: from voxel j to voxel i
+        flat = lines.reshape(-1, n)
+        rows = max(1, 2**24 // (n * n))  # 64 MB of float32 per chunk
+        out = torch.cat([(chunk[:, None, :] + parabola).amin(-1) for chunk in flat.split(rows)])
+        squared = out.reshape(lines.shape).movedim(-1, axis)
+    return squared.sqrt()
+
+
+def _edt(img: torch.Tensor, sampling: Sequence[float]) -> torch.Tensor:
+    """MONAI's ``distance_transform_edt`` (scipy on the host, cuCIM on a GPU where installed), else on a GPU
+    :func:`torch_distance_transform_edt`: no host round trip there."""
+    if img.device.type == "cpu" or HAS_CUCIM:
+        return convert_to_tensor(distance_transform_edt(img, sampling=list(sampling)), device=img.device)
+    return torch_distance_transform_edt(img, sampling)
+
+
 class TargetProximity(Transform):
     """Proximity of every voxel to each planning target: ``exp(-d / length_mm)`` with ``d`` the 3D Euclidean
     distance in mm to the target (1 inside it, 0 everywhere for a target the patient lacks).
 
     ``(10, H, W, D)`` structures in :data:`~monai_dose.data.STRUCTURES` order -> ``(3, H, W, D)``, one
     channel per target of :data:`~monai_dose.data.TARGETS`. The distance comes from MONAI's
-    ``distance_transform_edt`` (scipy, or cuCIM on a GPU where installed).
+    ``distance_transform_edt`` (scipy, or cuCIM on a GPU where installed), on a GPU without cuCIM from
+    :func:`torch_distance_transform_edt`: computed where the structures are.
 
     Args:
         length_mm: distance at which the proximity falls to ``1/e``.
@@ -102,7 +139,7 @@ class TargetProximity(Transform):
         if structures.ndim != 4 or structures.shape[0] != len(STRUCTURES):
             raise ValueError(f"expected structures ({len(STRUCTURES)}, H, W, D), got {tuple(structures.shape)}")
         targets = convert_to_tensor(structures, track_meta=False)[[STRUCTURES.index(t) for t in TARGETS]] > 0
-        distance = distance_transform_edt(~targets, sampling=list(voxel_spacing))  # on the structures' device
+        distance = _edt(~targets, voxel_spacing)  # on the structures' device
         present = targets.flatten(1).any(1)[:, None, None, None]
         return (torch.exp(-distance / self.length_mm) * present).to(self.dtype)
 

@@ -52,6 +52,7 @@ def patient_preprocessing(
     max_pixdim: Sequence[float] | None = None,
     divisor: Sequence[int] = (8, 8, 1),
     derived_dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
 ) -> Compose:
     """The deterministic part of the preprocessing of a patient's volumes (channel-first, ``keys``: the CT,
     structures, possible-dose mask and any other volume on their grid, such as the plan dose):
@@ -64,7 +65,9 @@ def patient_preprocessing(
        along the axes whose spacing lies outside ``min_pixdim`` .. ``max_pixdim``, the range trained on (the others
        keep their grid: no resampling for an input inside it; a bound not given: none), ``DivisiblePadd`` to
        multiples of ``divisor`` (what the network's poolings need);
-    4. the derived inputs of ``input_set`` (:func:`~monai_dose.transforms.derived_inputs`), in ``derived_dtype``.
+    4. the derived inputs of ``input_set`` (:func:`~monai_dose.transforms.derived_inputs`), in ``derived_dtype``,
+       computed on ``device`` when given (the volumes are moved there first; :data:`INPUT_MASK` stays where it was):
+       on the network's GPU, no host pass.
 
     Every geometric step is recorded on the ``MetaTensor``, so that :func:`dose_postprocessing` inverts it.
     """
@@ -91,6 +94,8 @@ def patient_preprocessing(
         CastToTyped(masks, dtype=torch.uint8),  # Spacingd returns float32 even where it resamples nothing
         DivisiblePadd(keys, k=divisor),
     ]
+    if device is not None:
+        transforms.append(EnsureTyped(keys, device=device, track_meta=True))
     if "target_proximity" in derived:
         transforms.append(TargetProximityd("structures", dtype=derived_dtype))
     if "beam_prior" in derived:
