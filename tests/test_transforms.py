@@ -90,6 +90,18 @@ def test_torch_distance_transform_matches_scipy(shape, spacing):
     assert torch_distance_transform_edt(torch.ones(1, 4, 4)).isinf().all()  # no zero voxel: infinitely far
 
 
+def test_target_proximity_is_the_same_with_and_without_edt(monkeypatch):
+    """The CPU's two exact distance transforms (the ``edt`` package of the ``fast`` extra, and scipy) give the
+    same proximity."""
+    import monai_dose.transforms.array as array
+
+    pytest.importorskip("edt")
+    structures = torch.from_numpy(np.random.default_rng(1).random((10, 24, 20, 12)) > 0.995).to(torch.uint8)
+    fast = TargetProximity()(structures, voxel_spacing=(3.9, 2.7, 2.5))
+    monkeypatch.setattr(array, "HAS_EDT", False)
+    torch.testing.assert_close(TargetProximity()(structures, voxel_spacing=(3.9, 2.7, 2.5)), fast, atol=1e-5, rtol=0)
+
+
 def test_target_proximity_stays_on_the_structures_device():
     """Off the CPU without cuCIM the proximity is computed in torch where the structures are, never on the host:
     shown on PyTorch's ``meta`` device, which the host's scipy cannot read."""
