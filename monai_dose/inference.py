@@ -233,9 +233,12 @@ def load_patient(item: str | os.PathLike | Mapping) -> dict:
     if not isinstance(item, Mapping):
         item = patient_files(item)
     try:
-        return LoadNiftid(IMAGE_KEYS, ensure_channel_first=False)(item)
+        loaded = LoadNiftid(IMAGE_KEYS, ensure_channel_first=False)(item)
     except RuntimeError as err:
         raise root_cause(err) from None
+    # NiftiReader lays the structures out channel first; the file's shape is a view of that (no copy), which
+    # DosePredictor moves back
+    return {**loaded, "structures": loaded["structures"].movedim(0, -1)}
 
 
 def predict_patients(

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelReader
 from monai.transforms import LoadImaged, MapTransform
-from monai.utils import convert_to_numpy, ensure_tuple
+from monai.utils import MetaKeys, convert_to_numpy, ensure_tuple
 
 from ..utils import patient_path, write_atomic
 from .inputs import check_voxel_spacing
@@ -51,10 +52,21 @@ class NiftiReader(NibabelReader):
             raise ValueError(f"{data}: not a readable NIfTI file ({err})") from err
 
     def get_data(self, img):  # noqa: ANN001, ANN201
+        """MONAI's ``get_data``, with the channels of a multi-channel volume moved first.
+
+        NIfTI arrays come Fortran-ordered, and ``LoadImage`` makes them C-contiguous: for a channel-last volume such
+        as ``structures.nii.gz`` (``H, W, D, 10``) a transposition that scatters every byte (0.23-0.27 s on these
+        CPUs), where torch lays it out channel-first in 0.07 s. ``LoadImaged``'s ``ensure_channel_first`` then has
+        nothing to move.
+        """
         try:
-            return super().get_data(img)
+            data, meta = super().get_data(img)
         except NIFTI_ERRORS as err:  # nibabel reads (and decompresses) the array only here
             raise ValueError(f"{', '.join(self.filenames)}: not a readable NIfTI file ({err})") from err
+        if meta[MetaKeys.ORIGINAL_CHANNEL_DIM] == -1:
+            data = torch.from_numpy(np.asarray(data)).movedim(-1, 0).contiguous().numpy()
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
+        return data, meta
 
 
 class LoadNiftid(LoadImaged):
