@@ -23,6 +23,7 @@ from monai_dose.data.openkbp import DOSE_KEY, OARS, STRUCTURES, TARGETS, patient
 from monai_dose.dicom.io import CTSeries, read_rtdose
 from monai_dose.dicom.predict import (
     DVH_CONVENTION,
+    LPS_TO_RAS,
     Predictor,
     dvh_tables,
     predict_on_ct,
@@ -333,7 +334,7 @@ def plan_qa_dicom(
         predicted=predicted.astype(np.float32),
         ct_hu=patient.ct.hu,
         masks=patient.masks,
-        affine=np.diag([-1.0, -1.0, 1.0, 1.0]) @ patient.ct.affine,
+        affine=LPS_TO_RAS @ patient.ct.affine,
         inputs={"CT series": str(ct_dir), "RTSTRUCT": str(rtstruct), "plan RTDOSE": str(rtdose)},
         dvh_convention=DVH_CONVENTION,
     )
