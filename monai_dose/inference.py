@@ -20,7 +20,7 @@ from .checkpoints import load_weights
 from .data.openkbp import IMAGE_KEYS, STRUCTURES, openkbp_affine, patient_files
 from .engines import DoseInferenceEvaluator, PatientDataset, root_cause
 from .inferers import dose_inferer
-from .networks import MaskedDose
+from .networks import MaskedDose, volume_model
 from .precision import resolve_precision
 from .transforms import (
     MODEL_PIXDIM,
@@ -61,9 +61,9 @@ class DosePredictor:
     Args:
         network: the dose network (not wrapped in :class:`~monai_dose.networks.MaskedDose`).
         spatial_dims: 2 runs the network slice by slice along the last axis
-            (:class:`~monai_dose.inferers.AxialSliceInferer`), 3 on the volume.
+            (:class:`~monai_dose.networks.AxialSliceNetwork`), 3 on the volume.
         input_set: input channels the network was trained with (see ``monai_dose.transforms.INPUT_SETS``).
-        neighbours: slices on each side stacked as channels (2.5D networks).
+        neighbours: slices on each side the network takes as channels (2.5D networks).
         tta: average with the left-right flipped prediction (test-time augmentation).
         device: where the network runs (default: CUDA when available).
         amp: ``"auto"`` runs the network under bfloat16 autocast where the device computes bf16 natively and in
@@ -90,8 +90,8 @@ class DosePredictor:
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(self.device, amp)
-        channel = mask_channel(input_set, neighbours)
-        self.network = on_device(MaskedDose(network, channel, self.precision.autocast), self.device)
+        model = MaskedDose(network, mask_channel(input_set, neighbours), self.precision.autocast)
+        self.network = on_device(volume_model(model, input_set, spatial_dims, neighbours, sw_batch_size), self.device)
         self.input_set = input_set
         self.pixdim = tuple(pixdim)
         self.preprocessing = Compose(
@@ -106,10 +106,10 @@ class DosePredictor:
                     divisor=divisor,
                     device=None if self.device.type == "cpu" else self.device,  # derived inputs on the GPU
                 ),
-                input_assembly(input_set, neighbours),
+                input_assembly(input_set),
             ]
         )
-        self.inferer = dose_inferer(spatial_dims, tta, sw_batch_size, channel if spatial_dims == 2 else None)
+        self.inferer = dose_inferer(tta)
         self.postprocessing = dose_postprocessing(self.preprocessing)
 
     @classmethod

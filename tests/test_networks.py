@@ -1,4 +1,5 @@
-"""Networks: shapes for 2D and 3D, the dense dilated bottleneck, the cascade, the masked output; the slice inferer."""
+"""Networks: shapes for 2D and 3D, the dense dilated bottleneck, the cascade, the masked output; 2D and 2.5D networks
+on volumes; flip test-time augmentation."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import torch
 from monai.inferers import SimpleInferer, SliceInferer
 from monai.networks.nets import UNet
 
-from monai_dose.inferers import AxialSliceInferer, FlipTTAInferer
-from monai_dose.networks import DCNN, Cascade, DilatedDenseBlock, MaskedDose
+from monai_dose.inferers import FlipTTAInferer
+from monai_dose.networks import DCNN, AxialSliceNetwork, Cascade, DilatedDenseBlock, MaskedDose, volume_model
+from monai_dose.transforms import SliceNeighbours, mask_channel
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -72,46 +74,114 @@ def test_dose_output_is_not_quantised_by_bf16():
     assert dose.unique().numel() > 100  # bf16 holds only ..., 63.5, 64, 64.5, ... here
 
 
+class Counted(torch.nn.Module):
+    """``network``, recording the batch size of every call."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return self.network(x)
+
+
 @pytest.mark.parametrize("slice_major", [False, True])
-def test_axial_slice_inferer_matches_monai_slice_inferer(slice_major):
+def test_axial_slice_network_matches_monai_slice_inferer(slice_major):
     """Same output as MONAI's SliceInferer for a batch of volumes whose depth is not a multiple of the batch."""
     torch.manual_seed(0)
     net = DCNN(2, in_channels=3, out_channels=2, channels=(4, 8)).eval()
     volumes = torch.rand(2, 3, 16, 16, 11)
     if slice_major:
         volumes = volumes.movedim(-1, 0).contiguous().movedim(0, -1)
-    calls = []
-
-    def network(x):
-        calls.append(x.shape[0])
-        return net(x)
-
+    counted = Counted(net)
     with torch.no_grad():
         expected = SliceInferer(spatial_dim=2, roi_size=(-1, -1), sw_batch_size=4, progress=False)(volumes, net)
-        result = AxialSliceInferer(sw_batch_size=4)(volumes, network)
+        result = AxialSliceNetwork(counted, sw_batch_size=4)(volumes)
     assert result.shape == (2, 2, 16, 16, 11)
     torch.testing.assert_close(result, expected)
-    assert calls == [4, 4, 4, 4, 4, 2]  # 22 slices, at most 4 per call
+    assert counted.calls == [4, 4, 4, 4, 4, 2]  # 22 slices, at most 4 per call
+
+
+def _on_stacked_slices(net: torch.nn.Module, volumes: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """``net`` on every slice of ``volumes`` with its neighbours stacked as channels (:class:`SliceNeighbours`)."""
+    stacked = [SliceNeighbours(neighbours)(v).movedim(-1, 0) for v in volumes]  # (D, C * (2n + 1), H, W) each
+    return torch.stack([net(s).movedim(0, -1) for s in stacked])
+
+
+@pytest.mark.parametrize("neighbours", [1, 2])
+@pytest.mark.parametrize("mask_slices", [None, (0, 4), (3, 8), (6, 11)])
+def test_2_5d_network_on_volumes_equals_stacked_slices(neighbours, mask_slices):
+    """The first convolution run over the volume (a 3D convolution spanning the neighbours) gives the network's
+    output on the stacked slices, edges replicated; with a mask channel only its slices are computed, each still
+    with its true neighbours."""
+    torch.manual_seed(0)
+    net = DCNN(2, in_channels=3 * (2 * neighbours + 1), out_channels=1, channels=(4, 8)).eval()
+    volumes = torch.rand(2, 3, 16, 16, 11)
+    channel = None
+    if mask_slices is not None:
+        channel, (first, last) = 2, mask_slices
+        volumes[:, 2] = 0
+        volumes[1, 2, 4:12, 4:12, first:last] = 1  # in one volume of the batch only
+    with torch.no_grad():
+        expected = _on_stacked_slices(net, volumes, neighbours)
+        result = AxialSliceNetwork(net, neighbours, sw_batch_size=4, mask_channel=channel)(volumes)
+    assert result.shape == expected.shape == (2, 1, 16, 16, 11)
+    if mask_slices is None:
+        torch.testing.assert_close(result, expected)
+    else:
+        torch.testing.assert_close(result[..., first:last], expected[..., first:last])
+        assert not result[..., :first].any() and not result[..., last:].any()
+
+
+def test_2_5d_network_runs_under_bf16_autocast_and_checks_its_stem():
+    torch.manual_seed(0)
+    net = DCNN(2, in_channels=9, out_channels=1, channels=(4, 8)).eval()
+    volumes = torch.rand(1, 3, 16, 16, 5)
+    with torch.no_grad():
+        expected = _on_stacked_slices(net, volumes, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            result = AxialSliceNetwork(net, 1)(volumes)
+    assert result.dtype == torch.float32  # DCNN's float32 output layer
+    torch.testing.assert_close(result, expected, atol=0.05, rtol=0.05)
+    with pytest.raises(ValueError, match="not 2 slices|not 5 slices"):
+        AxialSliceNetwork(net, 2)
+    with pytest.raises(ValueError, match="has no Conv2d"):
+        AxialSliceNetwork(torch.nn.Identity(), 1)
+
+
+def test_volume_model_shares_the_trained_model():
+    """The volume form of a 2.5D training model: its weights, masked by the volume's mask channel."""
+    torch.manual_seed(0)
+    network = DCNN(2, in_channels=45, out_channels=1, channels=(4, 8))
+    torch.nn.init.constant_(network.head.conv.bias, 5.0)
+    model = MaskedDose(network, mask_channel=mask_channel("target_proximity", 1))
+    volumes = torch.rand(1, 15, 16, 16, 6)
+    volumes[:, 14] = (torch.rand(1, 16, 16, 6) > 0.3).float()
+    on_volumes = volume_model(model, "target_proximity", neighbours=1).eval()
+    with torch.no_grad():
+        result = on_volumes(volumes)
+        expected = _on_stacked_slices(model.eval(), volumes, 1)
+    assert {id(p) for p in on_volumes.parameters()} == {id(p) for p in model.parameters()}
+    torch.testing.assert_close(result, expected)
+    assert result.max() > 0 and not result[volumes[:, 14:] == 0].any()
+    assert volume_model(model, "target_proximity", spatial_dims=3) is model
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_flip_tta_inferer(spatial_dims):
     """The mean of the prediction and the flipped-back prediction of the left-right mirror image, each network call
-    predicting a chunk and its mirror image together; the result is symmetric under the flip."""
+    predicting its input and its mirror image together; the result is symmetric under the flip."""
     torch.manual_seed(0)
     net = DCNN(spatial_dims, in_channels=3, out_channels=1, channels=(4, 8)).eval()
     volumes = torch.rand(1, 3, 16, 16, 8 if spatial_dims == 3 else 11)
-    inferer = AxialSliceInferer(sw_batch_size=4) if spatial_dims == 2 else SimpleInferer()
-    calls = []
-
-    def network(x):
-        calls.append(x.shape[0])
-        return net(x)
-
+    network = AxialSliceNetwork(net, sw_batch_size=32) if spatial_dims == 2 else net
+    counted = Counted(network)
     with torch.no_grad():
-        expected = (inferer(volumes, net) + inferer(volumes.flip(3), net).flip(3)) / 2
-        result = FlipTTAInferer(inferer)(volumes, network)
-        mirrored = FlipTTAInferer(inferer)(volumes.flip(3), net)
+        expected = (network(volumes) + network(volumes.flip(3)).flip(3)) / 2
+        result = FlipTTAInferer(SimpleInferer())(volumes, counted)
+        mirrored = FlipTTAInferer(SimpleInferer())(volumes.flip(3), network)
     torch.testing.assert_close(result, expected)
     torch.testing.assert_close(mirrored, result.flip(3))
-    assert calls == ([8, 8, 6] if spatial_dims == 2 else [2])  # chunk and mirror image in one call
+    assert counted.calls == [2]  # the volume and its mirror image in one call

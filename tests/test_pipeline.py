@@ -50,7 +50,7 @@ def test_validation_and_inference_build_the_same_network_input(openkbp_dir):
     infer.read_config(CONFIGS / "inference.json")
     infer.update({"dataset_dir": str(openkbp_dir / "validation" / "pt_201")})
     inference = infer.get_parsed_content("preprocessing")(infer.get_parsed_content("dataset_data")[0])["image"]
-    assert inference.shape == (45, 128, 128, 128)
+    assert inference.shape == (15, 128, 128, 128)  # the channels of each slice: the network takes the neighbours
     assert torch.equal(torch.as_tensor(validation), torch.as_tensor(inference))
 
 

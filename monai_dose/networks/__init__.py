@@ -2,5 +2,6 @@
 
 from .cascade import Cascade, MaskedDose
 from .dcnn import DCNN, DilatedDenseBlock
+from .slices import AxialSliceNetwork, volume_model
 
-__all__ = ["DCNN", "Cascade", "DilatedDenseBlock", "MaskedDose"]
+__all__ = ["DCNN", "AxialSliceNetwork", "Cascade", "DilatedDenseBlock", "MaskedDose", "volume_model"]

@@ -401,7 +401,9 @@ def _with_neighbours(volume: torch.Tensor, indices: torch.Tensor, neighbours: in
 class SliceNeighbours(Transform):
     """Stack ``neighbours`` slices on each side of every slice as extra channels (2.5D input of a volume).
 
-    ``(C, H, W, D) -> (C * (2n + 1), H, W, D)`` with the same channel order as :class:`RandSliceSample`.
+    ``(C, H, W, D) -> (C * (2n + 1), H, W, D)`` with the same channel order as :class:`RandSliceSample`: the input
+    a 2.5D network trains on, which :class:`~monai_dose.networks.AxialSliceNetwork` gives it from the volume without
+    building this copy.
     """
 
     def __init__(self, neighbours: int = 1) -> None:

@@ -18,7 +18,6 @@ from .array import (
     PackMasks,
     RandSliceSample,
     SliceMajor,
-    SliceNeighbours,
     TargetProximity,
 )
 
@@ -134,14 +133,6 @@ class SliceMajord(_PerKeyd):
         self.transform = SliceMajor()
 
 
-class SliceNeighboursd(_PerKeyd):
-    """Dictionary wrapper of :class:`SliceNeighbours`."""
-
-    def __init__(self, keys: KeysCollection, neighbours: int = 1, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.transform = SliceNeighbours(neighbours)
-
-
 class RandSliceSampled(Randomizable, MapTransform):
     """Dictionary wrapper of :class:`RandSliceSample`: the same slices of every key, one dict per slice.
 
@@ -249,7 +240,6 @@ class MaskDosed(MapTransform):
 BatchRandAffineD = BatchRandAffineDict = BatchRandAffined
 BeamPriorD = BeamPriorDict = BeamPriord
 DoseInputD = DoseInputDict = DoseInputd
-SliceNeighboursD = SliceNeighboursDict = SliceNeighboursd
 RandSliceSampleD = RandSliceSampleDict = RandSliceSampled
 MaskDoseD = MaskDoseDict = MaskDosed
 PackMasksD = PackMasksDict = PackMasksd

@@ -27,7 +27,7 @@ from monai.transforms import (
 
 from ..data.openkbp import IMAGE_KEYS, openkbp_affine
 from .array import derived_inputs
-from .dictionary import BeamPriord, DoseInputd, MaskDosed, SliceNeighboursd, TargetProximityd
+from .dictionary import BeamPriord, DoseInputd, MaskDosed, TargetProximityd
 from .geometry import CheckGridsd
 from .inputs import BinariseMaskd, EnsureOpenKBPCTd, RequireFinited, RequireNonEmptyd, RequireTargetsd
 from .io import LoadNiftid, SaveDosed
@@ -103,15 +103,13 @@ def patient_preprocessing(
     return Compose(transforms)
 
 
-def input_assembly(input_set: str = "reference", neighbours: int = 0) -> Compose:
-    """The network input ``image`` (:class:`~monai_dose.transforms.DoseInputd`, with ``neighbours`` slices on each
-    side as channels for 2.5D networks) from the volumes :func:`patient_preprocessing` gives."""
-    transforms = [
-        DoseInputd(["ct", "structures", "possible_dose_mask", *derived_inputs(input_set)], input_set=input_set)
-    ]
-    if neighbours:
-        transforms.append(SliceNeighboursd("image", neighbours))
-    return Compose(transforms)
+def input_assembly(input_set: str = "reference") -> Compose:
+    """The network input ``image`` (:class:`~monai_dose.transforms.DoseInputd`: the channels of each slice) from
+    the volumes :func:`patient_preprocessing` gives. A 2.5D network takes the neighbour slices from it itself
+    (:class:`~monai_dose.networks.AxialSliceNetwork`)."""
+    return Compose(
+        [DoseInputd(["ct", "structures", "possible_dose_mask", *derived_inputs(input_set)], input_set=input_set)]
+    )
 
 
 def dose_postprocessing(preprocessing: Compose, output_dir: str | os.PathLike | None = None) -> Compose:
