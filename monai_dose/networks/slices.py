@@ -45,8 +45,9 @@ class AxialSliceNetwork(nn.Module):
         sw_batch_size: slices per network call.
         mask_channel: with it, only the slices from the first to the last where this input channel is non-zero (in
             any volume of the batch) are computed; the others are 0.
-        stem: the name of the network's first convolution, which must take the input directly (default: its
-            first ``Conv2d``); only used with ``neighbours``.
+        stem: the name of the network's first convolution, which must take the input directly and be the only
+            layer to see it (default: its first ``Conv2d``; a 2D :class:`~monai_dose.networks.Cascade`, whose second
+            stage sees the input too, cannot run this way); only used with ``neighbours``.
     """
 
     def __init__(
