@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .networks import DCNN
 from .transforms import input_channel_names
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ def load_weights(
     A checkpoint trained on another input set (``checkpoint_input_set``, for ``network`` taking ``input_set``
     with ``neighbours``) keeps its first convolution's weights channel by channel, matched by name
     (:func:`~monai_dose.transforms.input_channel_names`); the weights of channels new to ``input_set`` start at
-    zero, so that the network computes what the checkpoint did until it learns to use them.
+    zero, so that the network computes what the checkpoint did until it learns to use them. Likewise a checkpoint
+    of a narrower :class:`~monai_dose.networks.DCNN` loads into a wider one (``DCNN.load_narrower``): capacity
+    added to trained weights.
     """
     state = {k: v.float() if v.is_floating_point() else v for k, v in network_weights(checkpoint).items()}
     if checkpoint_input_set is not None and input_set is not None and checkpoint_input_set != input_set:
@@ -88,7 +91,11 @@ def load_weights(
         for channel, name in enumerate(new):
             if name in old:
                 state[key][:, channel] = weight[:, old.index(name)]
-    network.load_state_dict(state)
+    shapes = {k: v.shape for k, v in network.state_dict().items()}
+    if isinstance(network, DCNN) and any(shapes.get(k) != v.shape for k, v in state.items()):
+        network.load_narrower(state)
+    else:
+        network.load_state_dict(state)
     return network
 
 

@@ -8,6 +8,7 @@ import torch
 from monai.inferers import SimpleInferer, SliceInferer
 from monai.networks.nets import UNet
 
+from monai_dose.checkpoints import load_weights
 from monai_dose.inferers import FlipTTAInferer
 from monai_dose.networks import DCNN, AxialSliceNetwork, Cascade, DilatedDenseBlock, MaskedDose, volume_model
 from monai_dose.transforms import SliceNeighbours, mask_channel
@@ -185,3 +186,28 @@ def test_flip_tta_inferer(spatial_dims):
     torch.testing.assert_close(result, expected)
     torch.testing.assert_close(mirrored, result.flip(3))
     assert counted.calls == [2]  # the volume and its mirror image in one call
+
+
+def test_wider_dcnn_starts_from_a_narrower_ones_weights(tmp_path):
+    """Capacity added to trained weights: the wider DCNN computes what the narrower one did, in train and eval mode,
+    and its extra channels learn from the first step; load_weights does it for a narrower checkpoint."""
+    torch.manual_seed(0)
+    narrow = DCNN(2, 9, 1, channels=(4, 8, 16), dilations=(2, 3))
+    for module in narrow.modules():  # trained-looking batch norms, so that they are under test too
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 2), module.bias.data.uniform_(-1, 1)
+    wide = DCNN(2, 9, 1, channels=(6, 12, 20), dilations=(2, 3), growth=6)
+    torch.save(narrow.state_dict(), tmp_path / "narrow.pt")
+    load_weights(wide, tmp_path / "narrow.pt")
+    x = torch.rand(3, 9, 16, 16)
+    for train in (False, True):
+        narrow.train(train), wide.train(train)
+        torch.testing.assert_close(wide(x), narrow(x))
+    reader = wide.encoders[0][1].conv.weight  # reads encoders.0.0's 2 extra channels
+    assert not reader[:4, 4:].any() and reader[4:, 4:].any()
+    wide(x).square().mean().backward()
+    assert reader.grad[:4, 4:].abs().sum() > 0  # the extra channels' outgoing weights learn
+    with pytest.raises(ValueError, match="do not fit"):
+        narrow.load_narrower(wide.state_dict())
+    with pytest.raises(ValueError, match="other layers"):
+        DCNN(2, 9, 1, channels=(6, 12, 20, 40), dilations=(2, 3)).load_narrower(narrow.state_dict())

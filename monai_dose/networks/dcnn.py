@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.networks.blocks import Convolution, UpSample
@@ -87,13 +87,15 @@ class DCNN(nn.Module):
                 Convolution(spatial_dims, cout, cout, act=act, norm=norm),
             )
 
+        self.in_channels, self.channels = in_channels, tuple(channels)
+        self.growth, self.num_dilations = growth or channels[-1] // 4, len(dilations)
         widths = [in_channels, *channels]
         self.encoders = nn.ModuleList(double_conv(widths[i], widths[i + 1]) for i in range(len(channels) - 1))
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2)
         bottleneck = channels[-1]
         self.bottleneck = nn.Sequential(
             double_conv(channels[-2], bottleneck),
-            DilatedDenseBlock(spatial_dims, bottleneck, growth or bottleneck // 4, dilations, act, norm, dropout),
+            DilatedDenseBlock(spatial_dims, bottleneck, self.growth, dilations, act, norm, dropout),
         )
         self.upsamples = nn.ModuleList(
             UpSample(spatial_dims, channels[i + 1], channels[i], scale_factor=2, mode="deconv")
@@ -116,6 +118,63 @@ class DCNN(nn.Module):
         if torch.jit.is_scripting():  # TorchScript runs in float32 anyway (and takes no device-dependent autocast)
             return self.head(x)
         return self._float32_head(x)
+
+    @staticmethod
+    def _input_groups(
+        in_channels: int, channels: Sequence[int], growth: int, num_dilations: int
+    ) -> dict[str, list[int]]:
+        """The channel groups each convolution's input concatenates, by module name, for a DCNN of these widths."""
+        groups = {"bottleneck.0.0.conv": [channels[-2]], "bottleneck.0.1.conv": [channels[-1]]}
+        widths = [in_channels, *channels]
+        for i in range(len(channels) - 1):
+            groups |= {f"encoders.{i}.0.conv": [widths[i]], f"encoders.{i}.1.conv": [channels[i]]}
+        for i in range(num_dilations + 1):
+            name = f"bottleneck.1.layers.{i}.conv" if i < num_dilations else "bottleneck.1.fuse.conv"
+            groups[name] = [channels[-1]] + [growth] * i
+        for j, i in enumerate(reversed(range(len(channels) - 1))):
+            groups[f"upsamples.{j}.deconv"] = [channels[i + 1]]
+            groups |= {f"decoders.{j}.0.conv": [channels[i]] * 2, f"decoders.{j}.1.conv": [channels[i]]}
+        groups["head.conv"] = [channels[0]]
+        return groups
+
+    def load_narrower(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load the state dict of a DCNN of the same design with at most as many channels per level and dense-block
+        growth: this network then computes what that one did (train and eval mode alike).
+
+        Each layer keeps the narrower network's channels first; the extra channels keep their initial weights but
+        send nothing on (the weights that read them from the old channels' layers start at zero), so that they
+        learn from the first step: capacity added to trained weights.
+        """
+        if set(state) != set(self.state_dict()):
+            raise ValueError("not the state of a DCNN of this design (other layers)")
+        levels = len(self.channels)
+        old_channels = [state[f"encoders.{i}.0.conv.weight"].shape[0] for i in range(levels - 1)]
+        old_channels.append(state["bottleneck.0.0.conv.weight"].shape[0])
+        old_growth = state["bottleneck.1.layers.0.conv.weight"].shape[0]
+        if any(o > n for o, n in zip([*old_channels, old_growth], [*self.channels, self.growth], strict=True)):
+            raise ValueError(
+                f"channels {old_channels} (growth {old_growth}) do not fit in this DCNN's {list(self.channels)} "
+                f"(growth {self.growth})"
+            )
+        old_groups = self._input_groups(self.in_channels, old_channels, old_growth, self.num_dilations)
+        new_groups = self._input_groups(self.in_channels, self.channels, self.growth, self.num_dilations)
+        merged = {}
+        for key, value in self.state_dict().items():
+            old = state[key].to(value.dtype)
+            if value.ndim < 2:  # biases, norms, counters: the old channels come first
+                merged[key] = value.clone()
+                merged[key][tuple(slice(0, n) for n in old.shape)] = old
+                continue
+            name = key.rpartition(".")[0]
+            in_dim = 0 if name.endswith("deconv") else 1  # transposed convolutions store (in, out, ...)
+            starts = torch.tensor([0, *new_groups[name]]).cumsum(0)[:-1]
+            rows = torch.cat([start + torch.arange(n) for start, n in zip(starts, old_groups[name], strict=True)])
+            weight = value.clone()
+            kept = weight.narrow(1 - in_dim, 0, old.shape[1 - in_dim])  # the old output channels
+            kept.zero_()
+            kept.index_copy_(in_dim, rows, old)
+            merged[key] = weight
+        self.load_state_dict(merged)
 
     @torch.jit.unused
     def _float32_head(self, x: torch.Tensor) -> torch.Tensor:
