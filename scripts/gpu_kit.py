@@ -29,9 +29,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from monai_dose.data.openkbp import DOSE_KEY, IMAGE_KEYS, load_openkbp_datalist
-from monai_dose.transforms import CT_RANGE
+from monai_dose.transforms import CT_RANGE, scale_ct
 
 MARGIN = 2
 """Slices kept on each side of the possible-dose mask."""
@@ -51,7 +52,7 @@ def bf16_ct(ct: np.ndarray) -> np.ndarray:
     """``ct`` (int16, OpenKBP values) clipped to :data:`~monai_dose.transforms.CT_RANGE` and rounded to the
     values whose scaled value is the bfloat16 rounding of the original's."""
     low, high = CT_RANGE
-    scaled = torch.from_numpy((np.clip(ct, low, high) - low) / (high - low)).to(torch.bfloat16).double().numpy()
+    scaled = scale_ct(torch.from_numpy(ct).double()).to(torch.bfloat16).double().numpy()
     return np.round(scaled * (high - low) + low).astype(np.int16)
 
 
@@ -89,8 +90,11 @@ def pack(data: Path, out: Path, num_train: int | None = None, num_val: int | Non
     with tarfile.open(partial, "w:xz", preset=9) as tar:
         for split, count in (("training", num_train), ("validation", num_val)):
             items = []
-            for item in load_openkbp_datalist(data, split)[:count]:
-                kept = kept_slices(np.asanyarray(nib.load(item["possible_dose_mask"]).dataobj))
+            for item in tqdm(load_openkbp_datalist(data, split)[:count], desc=f"packing {split}", unit="patient"):
+                try:
+                    kept = kept_slices(np.asanyarray(nib.load(item["possible_dose_mask"]).dataobj))
+                except ValueError as err:
+                    raise ValueError(f"{item['possible_dose_mask']}: {err}") from None
                 entry = {"id": item["id"], "voxel_dimensions": item["voxel_dimensions"]}
                 for key in keys:
                     entry[key] = f"{SPLITS[split]}/{item['id']}/{key}.nii"

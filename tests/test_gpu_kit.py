@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from monai_dose.data import load_openkbp_datalist
-from monai_dose.transforms import CT_RANGE
+from monai_dose.transforms import scale_ct
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_kit.py"
 spec = importlib.util.spec_from_file_location("gpu_kit", SCRIPT)
@@ -21,8 +21,7 @@ spec.loader.exec_module(gpu_kit)
 
 
 def _scaled_bf16(ct: np.ndarray) -> torch.Tensor:
-    low, high = CT_RANGE
-    return torch.from_numpy((np.clip(ct.astype(np.float32), low, high) - low) / (high - low)).to(torch.bfloat16)
+    return scale_ct(torch.from_numpy(ct.astype(np.float32))).to(torch.bfloat16)
 
 
 def _world(image: nib.Nifti1Image, k: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from .array import (
     input_channel_names,
     input_channels,
     mask_channel,
+    scale_ct,
     torch_distance_transform_edt,
 )
 from .dictionary import (
@@ -126,6 +127,7 @@ __all__ = [
     "BEAM_ANGLES_DEG",
     "BEAM_SET",
     "CT_RANGE",
+    "scale_ct",
     "DERIVED_INPUTS",
     "HU_AIR_FRACTION",
     "HU_AIR_THRESHOLD",

@@ -27,6 +27,13 @@ edt, HAS_EDT = optional_import("edt", name="edt")
 
 CT_RANGE = (0.0, 4095.0)
 """OpenKBP CT values (HU + 1024) are clipped to this range, then scaled to 0..1."""
+
+
+def scale_ct(ct: torch.Tensor) -> torch.Tensor:
+    """OpenKBP CT values clipped to :data:`CT_RANGE` and scaled to 0..1: the CT channel of the network input."""
+    return (ct.clamp(*CT_RANGE) - CT_RANGE[0]) / (CT_RANGE[1] - CT_RANGE[0])
+
+
 PROXIMITY_SET = "target_proximity"
 BEAM_SET = "beam_prior"
 DERIVED_INPUTS: dict[str, tuple[str, ...]] = {
@@ -325,7 +332,7 @@ class DoseInput(Transform):
             raise ValueError(
                 ", ".join(f"{n} {g[dim:]}" for n, g in zip(names, grids, strict=True)) + ": not on the same grid"
             )
-        ct_t = ((ct_t.clamp(*CT_RANGE) - CT_RANGE[0]) / (CT_RANGE[1] - CT_RANGE[0])).to(self.dtype)
+        ct_t = scale_ct(ct_t).to(self.dtype)
         if self.input_set == "merged_targets":
             struct_t = struct_t.unflatten(dim, (len(STRUCTURES), stack))
             n_oars = len(OARS)
