@@ -93,7 +93,10 @@ def load_weights(
                 state[key][:, channel] = weight[:, old.index(name)]
     shapes = {k: v.shape for k, v in network.state_dict().items()}
     if isinstance(network, DCNN) and any(shapes.get(k) != v.shape for k, v in state.items()):
-        network.load_narrower(state)
+        try:
+            network.load_narrower(state)
+        except ValueError as err:
+            raise ValueError(f"{checkpoint}: {err}") from None
     else:
         network.load_state_dict(state)
     return network
