@@ -69,6 +69,8 @@ class DosePredictor:
         amp: ``"auto"`` runs the network under bfloat16 autocast where the device computes bf16 natively and in
             float32 elsewhere; ``True``/``False`` force it (see :mod:`monai_dose.precision`).
         sw_batch_size: slices per network call for 2D networks.
+        frame: in-plane size of the window around the possible-dose mask a 2D network runs in (the training crop,
+            ``train.json``'s ``frame``; see :class:`~monai_dose.networks.AxialSliceNetwork`); ``None``: the whole grid.
         pixdim, min_pixdim, max_pixdim, divisor: the geometry (see
             :func:`~monai_dose.transforms.patient_preprocessing`).
     """
@@ -83,6 +85,7 @@ class DosePredictor:
         device: str | torch.device | None = None,
         amp: bool | str = "auto",
         sw_batch_size: int = 32,
+        frame: Sequence[int] | None = None,
         pixdim: Sequence[float] = MODEL_PIXDIM,
         min_pixdim: Sequence[float] | None = None,
         max_pixdim: Sequence[float] | None = None,
@@ -91,7 +94,8 @@ class DosePredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(self.device, amp)
         model = MaskedDose(network, mask_channel(input_set, neighbours), self.precision.autocast)
-        self.network = on_device(volume_model(model, input_set, spatial_dims, neighbours, sw_batch_size), self.device)
+        network = volume_model(model, input_set, spatial_dims, neighbours, sw_batch_size, frame)
+        self.network = on_device(network, self.device)
         self.input_set = input_set
         self.pixdim = tuple(pixdim)
         self.preprocessing = Compose(
@@ -138,7 +142,7 @@ class DosePredictor:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint}: no trained weights (train the bundle or pass checkpoint=)")
         network = load_weights(parser.get_parsed_content("network_def"), checkpoint)
-        keys = ("spatial_dims", "input_set", "neighbours", "tta", "device", "amp", "sw_batch_size")
+        keys = ("spatial_dims", "input_set", "neighbours", "tta", "device", "amp", "sw_batch_size", "frame")
         keys += ("pixdim", "min_pixdim", "max_pixdim", "divisor")
         return cls(network, **{k: parser.get_parsed_content(k) for k in keys})
 

@@ -153,6 +153,23 @@ def test_fine_tune_into_beam_prior_input_with_dvh_loss(trained, tmp_path, openkb
 
 
 @pytest.mark.slow
+def test_training_and_validation_in_a_frame(tmp_path, openkbp_dir):
+    """``--frame [96,128]``: training crops its volumes to the frame and validation runs the network in it."""
+    proc = bundle_run(
+        "run", "training", "--run_dir", str(tmp_path), "--dataset_dir", str(openkbp_dir), "--epochs", "1",
+        "--frame", "[96,128]", *SMALL_DATA, *SMALL_RUN, *TINY,
+    )  # fmt: skip
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert re.search(r"Key metric: val_dose_score best value: \d+\.\d+ at epoch: 1", proc.stdout + proc.stderr)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(BUNDLE / "configs" / "train.json")
+    parser.update({"dataset_dir": str(openkbp_dir), "frame": [96, 128], "device": "cpu"})
+    assert parser.get_parsed_content("validate#network").network.frame == [96, 128]
+
+
+@pytest.mark.slow
 def test_ema_is_validated_and_saved(trained, tmp_path, openkbp_dir):
     """``--ema_momentum m``: an exponential moving average of the weights, started from the pretrained weights,
     is what validation scores and ``model.pt`` holds; the epoch checkpoint keeps both for resuming."""
@@ -232,25 +249,45 @@ def test_average_weights_command(trained, tmp_path, capsys):
 
 @pytest.mark.parametrize("input_set", ["reference", "target_proximity", "beam_prior"])
 def test_training_cache_holds_the_deterministic_preprocessing(input_set, openkbp_dir):
-    """The cache of the training set holds each volume loaded, its masks packed, its target proximity computed,
-    slice-major (each axial slice contiguous, as the slice sampler reads them): only slice sampling and augmentation
-    are left for every epoch."""
+    """The cache of the training set holds each volume loaded, cropped in-plane to the training frame around its
+    possible-dose mask (the whole mask kept, plus the neighbour slices at its ends), its masks packed, its target
+    proximity computed, slice-major (each axial slice contiguous, as the slice sampler reads them): only slice
+    sampling and augmentation are left for every epoch."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(BUNDLE / "configs" / "train.json")
     parser.update({"dataset_dir": str(openkbp_dir), "num_train": 1, "cache_workers": 0, "input_set": input_set})
-    cached = parser.get_parsed_content("train#dataset")._cache[0]
+    parser["frame"] = [96, 128]
+    dataset = parser.get_parsed_content("train#dataset")
+    cached = dataset._cache[0]
+    mask = np.asarray(nib.load(dataset.data[0]["possible_dose_mask"]).dataobj) > 0
+    slices = np.flatnonzero(mask.any((0, 1)))
+    depth = min(slices[-1] + 1, mask.shape[2] - 1) - max(slices[0] - 1, 0) + 1  # mask slices and 1 neighbour
+    assert cached["possible_dose_mask"].shape == (1, 96, 128, depth)
+    assert cached["possible_dose_mask"].sum() == mask.sum()  # all of the mask inside the frame
     assert cached["structures"].shape[0] == 1 and cached["structures"].dtype == torch.int16  # packed
     assert ("target_proximity" in cached) == (input_set != "reference")
     assert ("beam_prior" in cached) == (input_set == "beam_prior")
     for key, volume in cached.items():
         if isinstance(volume, torch.Tensor):
             assert volume.movedim(-1, 0).is_contiguous(), key
+            assert volume.shape[1:] == (96, 128, depth), key
     if input_set != "reference":
-        assert cached["target_proximity"].shape == (3, 128, 128, 128) and cached["target_proximity"].max() == 1
+        assert cached["target_proximity"].shape[0] == 3 and cached["target_proximity"].max() == 1
     if input_set == "beam_prior":
-        assert cached["beam_prior"].shape == (1, 128, 128, 128) and 0.5 < cached["beam_prior"].max() <= 1
+        assert cached["beam_prior"].shape[0] == 1 and 0.5 < cached["beam_prior"].max() <= 1
+
+
+def test_training_on_the_whole_grid_by_default(openkbp_dir):
+    """``frame: null`` (the default) trains on the whole grid."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(BUNDLE / "configs" / "train.json")
+    parser.update({"dataset_dir": str(openkbp_dir), "num_train": 1, "cache_workers": 0})
+    cached = parser.get_parsed_content("train#dataset")._cache[0]
+    assert cached["ct"].shape == (1, 128, 128, 128)
 
 
 def test_adapted_weights_predict_as_before(tmp_path, openkbp_dir):
@@ -628,7 +665,7 @@ def test_inference_config_matches_training_config():
     train = json.loads((BUNDLE / "configs" / "train.json").read_text())
     infer = json.loads((BUNDLE / "configs" / "inference.json").read_text())
     keys = ("spatial_dims", "input_set", "neighbours", "in_channels", "mask_channel", "precision", "network_def")
-    for key in (*keys, "pixdim", "min_pixdim", "max_pixdim", "divisor", "sw_batch_size"):
+    for key in (*keys, "pixdim", "min_pixdim", "max_pixdim", "divisor", "sw_batch_size", "frame"):
         assert train[key] == infer[key], key
 
 

@@ -170,6 +170,43 @@ def test_volume_model_shares_the_trained_model():
     assert volume_model(model, "target_proximity", spatial_dims=3) is model
 
 
+def test_frame_runs_the_network_in_the_training_crop():
+    """With a frame, the network runs in the window that training crops around the mask (CropForeground with
+    k_divisible), 0 outside it, also where the window reaches beyond the grid; on the whole axis where the mask does
+    not fit."""
+    from monai.transforms import CropForeground
+
+    torch.manual_seed(0)
+    net = DCNN(2, in_channels=9, out_channels=1, channels=(4, 8)).eval()
+    framed = AxialSliceNetwork(net, 1, mask_channel=2, frame=(16, 16))
+    crop = CropForeground(lambda m: m > 0, channel_indices=2, margin=(0, 0, 1), k_divisible=(16, 16, 1))
+    volumes = torch.rand(1, 3, 32, 24, 7)
+    volumes[:, 2] = 0
+    volumes[:, 2, 10:18, 4:20, 2:5] = 1  # the mask: rows 10-17, columns 4-19, slices 2-4
+    with torch.no_grad():
+        result = framed(volumes)
+        expected = AxialSliceNetwork(net, 1, mask_channel=2)(crop(volumes[0])[None].as_tensor())
+        whole = AxialSliceNetwork(net, 1, mask_channel=2)(volumes)
+    torch.testing.assert_close(result[..., 6:22, 4:20, 1:6], expected)  # rows 10-17 centred in 16
+    assert not result[..., :6, :, :].any() and not result[..., 22:, :, :].any() and not result[..., :4, :].any()
+    assert not torch.allclose(result[..., 6:22, 4:20, :], whole[..., 6:22, 4:20, :])  # another context than whole
+
+    volumes[:, 2] = 0
+    volumes[:, 2, 0:4, 2:8, 3] = 1  # at the grid's corner: rows -6-9 and columns -3-12 of the window, 0 beyond
+    with torch.no_grad():
+        result = framed(volumes)
+        expected = AxialSliceNetwork(net, 1, mask_channel=2)(crop(volumes[0])[None].as_tensor())
+    assert expected.shape[2:4] == (16, 16)
+    torch.testing.assert_close(result[..., :10, :13, 2:5], expected[..., 6:, 3:, :])
+    assert not result[..., 10:, :, :].any() and not result[..., 13:, :].any()
+
+    volumes[:, 2, 0:20, :, 3] = 1  # 20 rows and 24 columns do not fit in 16: the whole grid, as without a frame
+    with torch.no_grad():
+        torch.testing.assert_close(framed(volumes), AxialSliceNetwork(net, 1, mask_channel=2)(volumes))
+    with pytest.raises(ValueError, match="in-plane"):
+        AxialSliceNetwork(net, 1, frame=(16, 16))
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_flip_tta_inferer(spatial_dims):
     """The mean of the prediction and the flipped-back prediction of the left-right mirror image, each network call

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,21 @@ def _replaced(module: nn.Module, path: list[str], new: nn.Module) -> nn.Module:
     return clone
 
 
+def _extent(occupied: torch.Tensor) -> tuple[int, int]:
+    """First and one past the last index where the 1D ``occupied`` is true."""
+    index = torch.nonzero(occupied).flatten()
+    return int(index[0]), int(index[-1]) + 1
+
+
+def _frame_window(first: int, last: int, size: int, length: int) -> tuple[int, int]:
+    """The window of ``size`` centred on ``first:last`` as the training crop centres it (``CropForegroundd`` with
+    ``k_divisible``), possibly reaching beyond ``0:length``; all of ``0:length`` where ``first:last`` does not fit."""
+    if last - first > size:
+        return 0, length
+    start = first - (size - (last - first)) // 2
+    return start, start + size
+
+
 class AxialSliceNetwork(nn.Module):
     """A 2D network run on volumes ``(B, C, H, W, D)`` axial slice by slice (the last axis), ``sw_batch_size``
     slices per call: ``(B, C_out, H, W, D)``.
@@ -45,6 +61,9 @@ class AxialSliceNetwork(nn.Module):
         sw_batch_size: slices per network call.
         mask_channel: with it, only the slices from the first to the last where this input channel is non-zero (in
             any volume of the batch) are computed; the others are 0.
+        frame: with ``mask_channel``, the in-plane size ``(H, W)`` of the window the network runs in: centred on
+            the mask's in-plane bounding box, padded with 0 beyond the grid, as the bundle's training crops
+            (``frame`` in ``train.json``); 0 outside it. An axis whose mask does not fit in the window runs whole.
         stem: the name of the network's first convolution, which must take the input directly and be the only
             layer to see it (default: its first ``Conv2d``; a 2D :class:`~monai_dose.networks.Cascade`, whose second
             stage sees the input too, cannot run this way); only used with ``neighbours``.
@@ -57,8 +76,12 @@ class AxialSliceNetwork(nn.Module):
         sw_batch_size: int = 32,
         mask_channel: int | None = None,
         stem: str | None = None,
+        frame: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if frame is not None and (mask_channel is None or len(frame) != 2):
+            raise ValueError(f"frame {frame}: an in-plane (H, W) size, with a mask_channel to centre it on")
+        self.frame = frame
         self.network = network
         self.neighbours = neighbours
         self.sw_batch_size = sw_batch_size
@@ -72,13 +95,26 @@ class AxialSliceNetwork(nn.Module):
                 raise ValueError(f"{self.stem}: {conv.in_channels} input channels are not {2 * neighbours + 1} slices")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        depth = x.shape[-1]
-        first, last = 0, depth
+        height, width, depth = x.shape[-3:]
+        (top, bottom), (left, right), (first, last) = (0, height), (0, width), (0, depth)
         if self.mask_channel is not None:
-            occupied = torch.nonzero(x[:, self.mask_channel].flatten(0, -2).any(0)).flatten()
-            if not len(occupied):
+            mask = (x[:, self.mask_channel] != 0).any(0)  # (H, W, D), over the batch
+            if not mask.any():
                 raise ValueError("the possible-dose mask is empty: no slice to predict")
-            first, last = int(occupied[0]), int(occupied[-1]) + 1
+            first, last = _extent(mask.any(0).any(0))
+            if self.frame is not None:
+                top, bottom = _frame_window(*_extent(mask.any(2).any(1)), self.frame[0], height)
+                left, right = _frame_window(*_extent(mask.any(2).any(0)), self.frame[1], width)
+        # the window, padded with 0 (air, no structure) where it reaches beyond the grid, as the training crop pads
+        beyond = (max(-left, 0), max(right - width, 0), max(-top, 0), max(bottom - height, 0))
+        window = F.pad(x[..., max(top, 0) : bottom, max(left, 0) : right, :], (0, 0, *beyond))
+        out = self._slices(window, first, last)
+        out = out[..., beyond[2] : out.shape[-3] - beyond[3], beyond[0] : out.shape[-2] - beyond[1], :]
+        top, left = max(top, 0), max(left, 0)
+        return F.pad(out, (first, depth - last, left, width - left - out.shape[-2], top, height - top - out.shape[-3]))
+
+    def _slices(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """The network on slices ``first:last`` of ``x``: ``(B, C_out, H, W, last - first)``."""
         network = self.network
         if self.neighbours:
             slices = self._stem(x, first, last)  # (B * d, C_stem, H, W)
@@ -86,8 +122,7 @@ class AxialSliceNetwork(nn.Module):
         else:
             slices = x[..., first:last].movedim(-1, 1).flatten(0, 1)  # (B * d, C, H, W)
         out = torch.cat([network(chunk) for chunk in slices.split(self.sw_batch_size)])
-        out = out.unflatten(0, (len(x), last - first)).movedim(1, -1)
-        return F.pad(out, (first, depth - last))
+        return out.unflatten(0, (len(x), last - first)).movedim(1, -1)
 
     def _stem(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """The stem's output for slices ``first:last`` of ``x``, as ``(B * d, C_stem, H, W)`` channels-last."""
@@ -110,12 +145,17 @@ class AxialSliceNetwork(nn.Module):
 
 
 def volume_model(
-    model: nn.Module, input_set: str, spatial_dims: int = 2, neighbours: int = 0, sw_batch_size: int = 32
+    model: nn.Module,
+    input_set: str,
+    spatial_dims: int = 2,
+    neighbours: int = 0,
+    sw_batch_size: int = 32,
+    frame: Sequence[int] | None = None,
 ) -> nn.Module:
     """The dose model ``model`` (a :class:`MaskedDose`, as training runs it) as it predicts volumes
     ``(B, C, H, W, D)`` of the per-slice channels of ``input_set``: itself for 3D networks; for 2D and 2.5D ones
-    its network run by :class:`AxialSliceNetwork` on the slices of the possible-dose mask, masked by it. Modules
-    and weights are shared with ``model``."""
+    its network run by :class:`AxialSliceNetwork` on the slices of the possible-dose mask (in the in-plane
+    ``frame`` around it, if given), masked by it. Modules and weights are shared with ``model``."""
     if spatial_dims == 3:
         return model
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -123,5 +163,5 @@ def volume_model(
     if not isinstance(model, MaskedDose):
         raise TypeError(f"expected a MaskedDose model, got {type(model).__name__}")
     channel = input_mask_channel(input_set)
-    slices = AxialSliceNetwork(model.network, neighbours, sw_batch_size, mask_channel=channel)
+    slices = AxialSliceNetwork(model.network, neighbours, sw_batch_size, mask_channel=channel, frame=frame)
     return MaskedDose(slices, mask_channel=channel, amp=model.amp)
