@@ -279,15 +279,25 @@ def test_training_cache_holds_the_deterministic_preprocessing(input_set, openkbp
         assert cached["beam_prior"].shape[0] == 1 and 0.5 < cached["beam_prior"].max() <= 1
 
 
-def test_training_on_the_whole_grid_by_default(openkbp_dir):
-    """``frame: null`` (the default) trains on the whole grid."""
+def test_training_frame_by_default(openkbp_dir):
+    """By default training crops each volume to the 128 x 128 frame around its possible-dose mask, which keeps an
+    OpenKBP grid as it is in-plane, and to the mask's slices and their neighbours; ``frame: null`` trains on the
+    whole grid."""
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
-    parser.read_config(BUNDLE / "configs" / "train.json")
-    parser.update({"dataset_dir": str(openkbp_dir), "num_train": 1, "cache_workers": 0})
-    cached = parser.get_parsed_content("train#dataset")._cache[0]
-    assert cached["ct"].shape == (1, 128, 128, 128)
+    cached = {}
+    for frame in ("default", None):
+        parser = ConfigParser()
+        parser.read_config(BUNDLE / "configs" / "train.json")
+        parser.update({"dataset_dir": str(openkbp_dir), "num_train": 1, "cache_workers": 0})
+        if frame is None:
+            parser["frame"] = None
+        cached[frame] = parser.get_parsed_content("train#dataset")._cache[0]
+    whole = cached[None]["ct"]
+    assert whole.shape == (1, 128, 128, 128)
+    slices = torch.nonzero(cached[None]["possible_dose_mask"][0].any(0).any(0)).flatten()
+    first, last = max(int(slices[0]) - 1, 0), min(int(slices[-1]) + 2, 128)  # one neighbour on each side
+    torch.testing.assert_close(torch.as_tensor(cached["default"]["ct"]), torch.as_tensor(whole[..., first:last]))
 
 
 def test_adapted_weights_predict_as_before(tmp_path, openkbp_dir):

@@ -3,6 +3,8 @@ on volumes; flip test-time augmentation."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from monai.inferers import SimpleInferer, SliceInferer
@@ -170,39 +172,46 @@ def test_volume_model_shares_the_trained_model():
     assert volume_model(model, "target_proximity", spatial_dims=3) is model
 
 
-def test_frame_runs_the_network_in_the_training_crop():
-    """With a frame, the network runs in the window that training crops around the mask (CropForeground with
-    k_divisible), 0 outside it, also where the window reaches beyond the grid; on the whole axis where the mask does
-    not fit."""
-    from monai.transforms import CropForeground
+def test_frame_runs_the_network_in_the_training_crop(caplog):
+    """With a frame, the network runs in the window that training crops around the mask (FrameCrop), 0 outside it:
+    centred on the mask, kept inside the grid where it fits, reaching beyond it (0) where the grid is smaller, and
+    cutting a mask larger than the frame (with a warning)."""
+    from monai_dose.transforms import FrameCrop
 
     torch.manual_seed(0)
     net = DCNN(2, in_channels=9, out_channels=1, channels=(4, 8)).eval()
-    framed = AxialSliceNetwork(net, 1, mask_channel=2, frame=(16, 16))
-    crop = CropForeground(lambda m: m > 0, channel_indices=2, margin=(0, 0, 1), k_divisible=(16, 16, 1))
-    volumes = torch.rand(1, 3, 32, 24, 7)
-    volumes[:, 2] = 0
-    volumes[:, 2, 10:18, 4:20, 2:5] = 1  # the mask: rows 10-17, columns 4-19, slices 2-4
-    with torch.no_grad():
-        result = framed(volumes)
-        expected = AxialSliceNetwork(net, 1, mask_channel=2)(crop(volumes[0])[None].as_tensor())
-        whole = AxialSliceNetwork(net, 1, mask_channel=2)(volumes)
-    torch.testing.assert_close(result[..., 6:22, 4:20, 1:6], expected)  # rows 10-17 centred in 16
-    assert not result[..., :6, :, :].any() and not result[..., 22:, :, :].any() and not result[..., :4, :].any()
-    assert not torch.allclose(result[..., 6:22, 4:20, :], whole[..., 6:22, 4:20, :])  # another context than whole
+    plain = AxialSliceNetwork(net, 1, mask_channel=2)
 
-    volumes[:, 2] = 0
-    volumes[:, 2, 0:4, 2:8, 3] = 1  # at the grid's corner: rows -6-9 and columns -3-12 of the window, 0 beyond
-    with torch.no_grad():
-        result = framed(volumes)
-        expected = AxialSliceNetwork(net, 1, mask_channel=2)(crop(volumes[0])[None].as_tensor())
-    assert expected.shape[2:4] == (16, 16)
-    torch.testing.assert_close(result[..., :10, :13, 2:5], expected[..., 6:, 3:, :])
-    assert not result[..., 10:, :, :].any() and not result[..., 13:, :].any()
+    def check(frame, rows, columns, window):
+        """The mask at ``rows`` x ``columns`` (slice 3); the network's output is the network on the FrameCrop window,
+        whose rows and columns on the grid ``window`` gives, and 0 elsewhere."""
+        volumes = torch.rand(1, 3, 32, 24, 7)
+        volumes[:, 2] = 0
+        volumes[:, 2, rows, columns, 3] = 1
+        with torch.no_grad():
+            result = AxialSliceNetwork(net, 1, mask_channel=2, frame=frame)(volumes)
+            cropped = FrameCrop(frame, lambda m: m > 0, channel_indices=2, margin=(0, 0, 1))(volumes[0])
+            expected = plain(cropped[None].as_tensor())
+        assert expected.shape[2:] == (*frame, 3)
+        (top, bottom), (left, right) = window
+        on_grid = (
+            slice(max(-top, 0), frame[0] - max(bottom - 32, 0)),
+            slice(max(-left, 0), frame[1] - max(right - 24, 0)),
+        )
+        torch.testing.assert_close(
+            result[..., max(top, 0) : bottom, max(left, 0) : right, 2:5], expected[(..., *on_grid, slice(None))]
+        )
+        result[..., max(top, 0) : bottom, max(left, 0) : right, 2:5] = 0
+        assert not result.any() and expected.abs().sum() > 0
 
-    volumes[:, 2, 0:20, :, 3] = 1  # 20 rows and 24 columns do not fit in 16: the whole grid, as without a frame
-    with torch.no_grad():
-        torch.testing.assert_close(framed(volumes), AxialSliceNetwork(net, 1, mask_channel=2)(volumes))
+    check((16, 16), slice(10, 18), slice(4, 20), ((6, 22), (4, 20)))  # centred on the mask
+    check((16, 16), slice(0, 4), slice(2, 8), ((0, 16), (0, 16)))  # at the grid's corner: kept inside the grid
+    check((40, 16), slice(10, 18), slice(4, 20), ((-6, 34), (4, 20)))  # 40 rows > 32: beyond the grid, 0 there
+    with caplog.at_level(logging.WARNING, logger="monai_dose.networks.slices"):
+        check((16, 16), slice(3, 24), slice(1, 24), ((6, 22), (5, 21)))  # 21 x 23: cut about the mask's centre
+    assert f"{21 * 23 - 16 * 16} voxels of the possible-dose mask lie outside" in caplog.text
+    with pytest.raises(ValueError, match="in-plane"):
+        AxialSliceNetwork(net, 1, mask_channel=2, frame=(16,))
     with pytest.raises(ValueError, match="in-plane"):
         AxialSliceNetwork(net, 1, frame=(16, 16))
 

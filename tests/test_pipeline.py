@@ -83,6 +83,18 @@ def _resampled(patient: Path, out: Path, spacing: float = 2.0) -> None:
         nib.save(nib.Nifti1Image(array.astype(data.dtype), affine), out / f"{name}.nii.gz")
 
 
+def _wider(patient: Path, out: Path, pad: list[tuple[int, int]]) -> None:
+    """``patient`` in a larger field of view: its volumes padded in-plane by ``pad`` voxels of air (0), the affine
+    moved so that every voxel keeps its place in the patient."""
+    out.mkdir(parents=True)
+    for name in FILES:
+        image = nib.load(patient / f"{name}.nii.gz")
+        data = np.asanyarray(image.dataobj)
+        affine = image.affine @ np.array([[1, 0, 0, -pad[0][0]], [0, 1, 0, -pad[1][0]], [0, 0, 1, 0], [0, 0, 0, 1]])
+        padded = np.pad(data, [*pad, (0, 0)] + [(0, 0)] * (data.ndim - 3))
+        nib.save(nib.Nifti1Image(padded, affine), out / f"{name}.nii.gz")
+
+
 def test_ras_input_gives_the_same_dose(tmp_path, openkbp_dir):
     """A patient stored in RAS orientation gets, reoriented back, the dose of the original voxel for voxel (a small
     random network: the geometry, not the weights, is under test)."""
@@ -101,6 +113,36 @@ def test_ras_input_gives_the_same_dose(tmp_path, openkbp_dir):
         doses.append(np.asanyarray(nib.as_closest_canonical(image).dataobj))
     assert doses[0].max() > 0 and doses[0].std() > 0
     np.testing.assert_allclose(doses[1], doses[0], atol=1e-4)
+
+
+def test_field_of_view_does_not_change_the_dose(openkbp_dir):
+    """pt_202 in two larger fields of view (air around it), off-centre in different ways, gets in the network's frame
+    the same dose voxel for voxel, and on its own 128 x 128 grid (kept as it is) nearly the same; run on the whole
+    grid, the network sees other borders in each and predicts another dose."""
+    torch.manual_seed(0)
+    network = DCNN(2, 36, 1, channels=(4, 8), dilations=(2,))
+    torch.nn.init.constant_(network.head.conv.bias, 5.0)  # a positive dose
+    loaded = load_patient(openkbp_dir / "validation" / "pt_202")
+    spacing = tuple(float(z) for z in loaded["ct"].pixdim)
+    inputs = [np.asarray(loaded[k]) for k in ("ct", "structures", "possible_dose_mask")]
+    pads = ([(40, 8), (3, 29)], [(6, 30), (64, 0)])  # 176 x 160 and 164 x 192, the patient near different edges
+    doses = {}
+    for frame in ((128, 128), None):
+        predictor = DosePredictor(network, neighbours=1, device="cpu", amp=False, frame=frame)
+        doses[frame] = [predictor(*inputs, voxel_spacing=spacing)]
+        for pad in pads:
+            embedded = [np.pad(a, pad + [(0, 0)] * (a.ndim - 2)) for a in inputs]
+            wide = predictor(*embedded, voxel_spacing=spacing)
+            grid = (slice(pad[0][0], pad[0][0] + 128), slice(pad[1][0], pad[1][0] + 128))
+            doses[frame].append(wide[grid].copy())
+            wide[grid] = 0
+            assert not wide.any()  # no dose outside the patient's grid: outside its mask
+    own, first, second = doses[(128, 128)]
+    assert own.max() > 0 and own.std() > 0
+    np.testing.assert_allclose(second, first, atol=1e-5)
+    assert 0 < np.abs(first - own).mean() < 0.1 * own.mean()  # pt_202's mask is 1 column off its grid's centre
+    own, first, second = doses[None]
+    assert np.abs(second - first).max() > 0.01
 
 
 @pytest.mark.parametrize(
@@ -139,13 +181,16 @@ def test_geometry_that_cannot_be_handled_is_named(problem, message, tmp_path, op
 @pytest.mark.slow
 def test_bundle_inference_of_any_geometry(tmp_path, openkbp_dir):
     """With the shipped weights: pt_202 stored in RAS orientation gets the dose of the original within 0.05 Gy
-    voxel for voxel once reoriented back; resampled to 2 mm voxels, its mean absolute error against the equally
+    voxel for voxel once reoriented back; in a larger field of view (176 x 160, off-centre), where the network's frame
+    is centred on the mask (1 column off the original grid's centre), its mean absolute error against the plan dose
+    stays within 0.1 Gy of the original's; resampled to 2 mm voxels, its mean absolute error against the equally
     resampled plan dose stays within 0.5 Gy of the original's."""
     patient = openkbp_dir / "validation" / "pt_202"
     root = tmp_path / "in"
     shutil.copytree(patient, root / "original")
     _ras(patient, root / "ras")
     _resampled(patient, root / "mm2")
+    _wider(patient, root / "wide", [(40, 8), (3, 29)])
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "inference.json"),
         logging_file=False,
@@ -161,7 +206,7 @@ def test_bundle_inference_of_any_geometry(tmp_path, openkbp_dir):
     def dose(folder: str, name: str = "dose", out: bool = True) -> nib.Nifti1Image:
         return nib.load((tmp_path / "out" if out else root) / folder / f"{name}.nii.gz")
 
-    for folder in ("original", "ras", "mm2"):
+    for folder in ("original", "ras", "mm2", "wide"):
         written, ct = dose(folder), nib.load(root / folder / "ct.nii.gz")
         assert written.shape == ct.shape and np.allclose(written.affine, ct.affine)
     original = np.asanyarray(dose("original").dataobj)
@@ -176,3 +221,4 @@ def test_bundle_inference_of_any_geometry(tmp_path, openkbp_dir):
 
     assert original.max() > 30
     assert abs(error("mm2") - error("original")) <= 0.5, (error("mm2"), error("original"))
+    assert abs(error("wide") - error("original")) <= 0.1, (error("wide"), error("original"))

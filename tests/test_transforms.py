@@ -17,6 +17,7 @@ from monai_dose.transforms import (
     BeamPrior,
     DoseInput,
     DoseInputd,
+    FrameCropd,
     MaskDose,
     MaskDosed,
     PackMasks,
@@ -28,6 +29,7 @@ from monai_dose.transforms import (
     TargetProximityd,
     UnpackMasks,
     derived_inputs,
+    frame_window,
     input_channel_names,
     input_channels,
     mask_channel,
@@ -355,3 +357,46 @@ def test_dlmi_sample_matches_openkbp_slice(openkbp_dir, dlmi_dir):
     assert torch.equal(from_dlmi, from_volume)
     assert torch.allclose(dlmi["dose"].float(), volume["dose"][..., k].float())
     assert len(STRUCTURES) == 10
+
+
+@pytest.mark.parametrize(
+    "first, last, size, length, window",
+    [
+        (10, 18, 16, 32, (6, 22)),  # centred on the foreground
+        (0, 4, 16, 32, (0, 16)),  # at the grid's start: moved inside the grid
+        (28, 32, 16, 32, (16, 32)),  # at its end
+        (3, 24, 16, 32, (6, 22)),  # larger than the window: cut about its centre
+        (10, 18, 40, 32, (-6, 34)),  # a grid smaller than the window: beyond it on both sides
+        (0, 30, 40, 32, (-5, 35)),
+        (40, 98, 128, 128, (0, 128)),  # an OpenKBP grid of the window's size: kept as it is
+        (40, 98, 128, 192, (5, 133)),  # a larger field of view: centred on the foreground
+    ],
+)
+def test_frame_window(first, last, size, length, window):
+    assert frame_window(first, last, size, length) == window
+
+
+def test_frame_crop_is_inverted():
+    """FrameCropd crops every key to the frame around the source's foreground (its slices plus the margin), pads 0
+    beyond the grid, and MONAI's inverse puts the values back on the original grid."""
+    image = MetaTensor(torch.rand(2, 30, 40, 10), affine=torch.diag(torch.tensor([2.0, 3.0, 2.5, 1.0])))
+    mask = MetaTensor(torch.zeros(1, 30, 40, 10), affine=image.affine)
+    mask[0, 4:20, 30:38, 3:6] = 1
+    crop = FrameCropd(["image", "mask"], source_key="mask", frame=(24, 16), margin=(0, 0, 1))
+    out = crop({"image": image, "mask": mask})
+    assert out["image"].shape == (2, 24, 16, 5) and out["mask"].sum() == mask.sum()
+    # rows 4-19 centred in 24: 0-23; columns 30-37 centred in 16 (26-41), moved inside the 40 columns: 24-39
+    torch.testing.assert_close(out["image"].as_tensor(), image.as_tensor()[:, 0:24, 24:40, 2:7])
+    np.testing.assert_allclose(out["image"].affine[:3, 3], [0.0, 72.0, 5.0])  # the crop's origin, in mm
+    restored = crop.inverse(out)["image"]
+    assert restored.shape == image.shape
+    torch.testing.assert_close(restored[:, 0:24, 24:40, 2:7].as_tensor(), image[:, 0:24, 24:40, 2:7].as_tensor())
+    restored[:, 0:24, 24:40, 2:7] = 0
+    assert not restored.any()
+
+    small = FrameCropd(["image", "mask"], source_key="mask", frame=(40, 16), margin=(0, 0, 1))(
+        {"image": image, "mask": mask}
+    )
+    # 30 rows in a 40-row frame: rows 4-19 centred, -8 to 31, the grid inside it: 0 padded on both sides
+    torch.testing.assert_close(small["image"][:, 8:38].as_tensor(), image.as_tensor()[:, :, 24:40, 2:7])
+    assert not small["image"][:, :8].any() and not small["image"][:, 38:].any()

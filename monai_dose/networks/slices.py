@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..transforms.array import mask_channel as input_mask_channel
+from ..transforms.geometry import frame_window
 from .cascade import MaskedDose
+
+logger = logging.getLogger(__name__)
 
 
 def _first_conv2d(network: nn.Module) -> str:
@@ -36,15 +40,6 @@ def _extent(occupied: torch.Tensor) -> tuple[int, int]:
     return int(index[0]), int(index[-1]) + 1
 
 
-def _frame_window(first: int, last: int, size: int, length: int) -> tuple[int, int]:
-    """The window of ``size`` centred on ``first:last`` as the training crop centres it (``CropForegroundd`` with
-    ``k_divisible``), possibly reaching beyond ``0:length``; all of ``0:length`` where ``first:last`` does not fit."""
-    if last - first > size:
-        return 0, length
-    start = first - (size - (last - first)) // 2
-    return start, start + size
-
-
 class AxialSliceNetwork(nn.Module):
     """A 2D network run on volumes ``(B, C, H, W, D)`` axial slice by slice (the last axis), ``sw_batch_size``
     slices per call: ``(B, C_out, H, W, D)``.
@@ -61,9 +56,10 @@ class AxialSliceNetwork(nn.Module):
         sw_batch_size: slices per network call.
         mask_channel: with it, only the slices from the first to the last where this input channel is non-zero (in
             any volume of the batch) are computed; the others are 0.
-        frame: with ``mask_channel``, the in-plane size ``(H, W)`` of the window the network runs in: centred on
-            the mask's in-plane bounding box, padded with 0 beyond the grid, as the bundle's training crops
-            (``frame`` in ``train.json``); 0 outside it. An axis whose mask does not fit in the window runs whole.
+        frame: with ``mask_channel``, the in-plane size ``(H, W)`` of the window the network runs in, around the
+            mask's in-plane bounding box (:func:`~monai_dose.transforms.frame_window`, padded with 0 where it reaches
+            beyond the grid), as the bundle's training crops (:class:`~monai_dose.transforms.FrameCropd`, ``frame``
+            in ``train.json``); 0 outside it, where a mask larger than the window is cut (logged as a warning).
         stem: the name of the network's first convolution, which must take the input directly and be the only
             layer to see it (default: its first ``Conv2d``; a 2D :class:`~monai_dose.networks.Cascade`, whose second
             stage sees the input too, cannot run this way); only used with ``neighbours``.
@@ -103,8 +99,16 @@ class AxialSliceNetwork(nn.Module):
                 raise ValueError("the possible-dose mask is empty: no slice to predict")
             first, last = _extent(mask.any(0).any(0))
             if self.frame is not None:
-                top, bottom = _frame_window(*_extent(mask.any(2).any(1)), self.frame[0], height)
-                left, right = _frame_window(*_extent(mask.any(2).any(0)), self.frame[1], width)
+                top, bottom = frame_window(*_extent(mask.any(2).any(1)), self.frame[0], height)
+                left, right = frame_window(*_extent(mask.any(2).any(0)), self.frame[1], width)
+                outside = int(mask.sum()) - int(mask[max(top, 0) : bottom, max(left, 0) : right].sum())
+                if outside:
+                    logger.warning(
+                        "%d voxels of the possible-dose mask lie outside the network's %d x %d in-plane frame around "
+                        "it: no dose is predicted there",
+                        outside,
+                        *self.frame,
+                    )
         # the window, padded with 0 (air, no structure) where it reaches beyond the grid, as the training crop pads
         beyond = (max(-left, 0), max(right - width, 0), max(-top, 0), max(bottom - height, 0))
         window = F.pad(x[..., max(top, 0) : bottom, max(left, 0) : right, :], (0, 0, *beyond))
