@@ -111,7 +111,9 @@ class AxialSliceNetwork(nn.Module):
                     )
         # the window, padded with 0 (air, no structure) where it reaches beyond the grid, as the training crop pads
         beyond = (max(-left, 0), max(right - width, 0), max(-top, 0), max(bottom - height, 0))
-        window = F.pad(x[..., max(top, 0) : bottom, max(left, 0) : right, :], (0, 0, *beyond))
+        window = x[..., max(top, 0) : bottom, max(left, 0) : right, :]
+        if any(beyond):  # F.pad copies even where it pads nothing
+            window = F.pad(window, (0, 0, *beyond))
         out = self._slices(window, first, last)
         out = out[..., beyond[2] : out.shape[-3] - beyond[3], beyond[0] : out.shape[-2] - beyond[1], :]
         top, left = max(top, 0), max(left, 0)
