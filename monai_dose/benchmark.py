@@ -243,7 +243,8 @@ def run_benchmark(
 
     Args:
         bundle: bundle folder with trained weights.
-        data: an OpenKBP NIfTI dataset folder (``dataset.json``); default: the example patient, inference only.
+        data: an OpenKBP NIfTI dataset folder (``dataset.json``); default: the example patient
+            (``examples/`` two levels above the bundle, as in the repository), inference only.
         out: JSON file to write.
         device: ``cpu`` or ``cuda``; default: the CPU, and CUDA when available.
         repeats: timed repetitions of inference (after one warm-up run).
@@ -255,8 +256,15 @@ def run_benchmark(
     devices = [str(as_device(device))] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if data is not None and (Path(data) / "dataset.json").is_file():
         patient = load_openkbp_datalist(data, "validation")[0]
+    elif data is not None:
+        patient = patient_folder_datalist(data)[0]
     else:
-        patient = patient_folder_datalist(data or Path(bundle).resolve().parents[1] / "examples")[0]
+        examples = Path(bundle).resolve().parents[1] / "examples"  # the repository's, two levels above the bundle
+        if not examples.is_dir():
+            raise FileNotFoundError(
+                f"no example patient beside the bundle {bundle} (looked in {examples}): give a data folder (--data)"
+            )
+        patient = patient_folder_datalist(examples)[0]
     results: dict = {
         "machine": {
             "platform": platform.platform(),

@@ -143,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="inference and training speed and memory on this machine")
     p.add_argument("--bundle", type=Path, default=Path("bundles/openkbp_dose"), help="bundle folder")
-    p.add_argument("--data", type=Path, default=None, help="NIfTI dataset folder (default: the bundled example)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="NIfTI dataset folder (default: the example patient in examples/, two levels above --bundle)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmark.json"), help="JSON result file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: both where available)")
     p.add_argument("--amp", **AMP_ARGUMENT)

@@ -60,3 +60,15 @@ def test_device_is_a_value_not_code(tmp_path, capsys):
     with pytest.raises(ValueError, match="is not a torch device"):
         DosePredictor.from_bundle(BUNDLE, device=device)
     assert not marker.exists() and not out.exists()
+
+
+def test_bundle_outside_the_repository_needs_data(tmp_path, capsys):
+    """A bundle copied out of the repository has no example patient two levels above it: the error says where
+    it looked and to pass the data, before anything is measured or written."""
+    bundle = tmp_path / "a" / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    out = tmp_path / "benchmark.json"
+    assert main(["benchmark", "--bundle", str(bundle), "--device", "cpu", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no example patient beside the bundle" in err and str(tmp_path / "examples") in err
+    assert not out.exists()
